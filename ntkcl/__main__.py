@@ -1,0 +1,3 @@
+from ntkcl.cli import main
+
+main()

@@ -1,0 +1,42 @@
+"""Entry-point discovery shared by the dataset and method registries.
+
+Both registries use `importlib.metadata` so that built-in plugins and third-party distributions are found
+the same way; a plugin that fails to import is recorded with its error instead of breaking the others.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Discovered:
+    """One entry point of a group: the loaded object, or the error that loading raised."""
+
+    name: str
+    distribution: str
+    target: str
+    obj: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def discover(group: str) -> dict[str, Discovered]:
+    """Load every entry point of `group`, keyed by entry-point name (first distribution wins)."""
+    found: dict[str, Discovered] = {}
+    for entry in importlib.metadata.entry_points(group=group):
+        if entry.name in found:
+            continue
+        distribution = entry.dist.name if entry.dist is not None else "?"
+        item = Discovered(name=entry.name, distribution=distribution, target=entry.value)
+        try:
+            item.obj = entry.load()
+        except Exception as error:  # a broken third-party plugin must not take the others down
+            item.error = f"{type(error).__name__}: {error}"
+        found[entry.name] = item
+    return dict(sorted(found.items()))

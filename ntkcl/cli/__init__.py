@@ -1,0 +1,67 @@
+"""The `ntkcl` command line (Typer). One module per subcommand; parsing and printing only.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, never a traceback), 1 the run itself failed,
+130 interrupted. With `--json` the result (or `{"ok": false, "error": ...}`) is the only thing on stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ntkcl import __version__
+from ntkcl.cli import _common
+from ntkcl.errors import BadInputError, RunFailedError
+
+app = typer.Typer(
+    name="ntkcl",
+    help="Parameter-efficient continual learning with pre-trained vision transformers (NTK-CL and peers).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ntkcl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
+    """ntkcl: continual learning with PEFT on pre-trained ViTs."""
+
+
+def _register() -> None:
+    from ntkcl.cli import datasets, evaluate, prepare, train
+
+    for module in (datasets, prepare, train, evaluate):
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: maps errors to exit codes and one-line messages."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        typer.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
+        sys.exit(0)
+    except click.exceptions.UsageError as error:
+        _common.fail(error.format_message(), 2)
+    except click.exceptions.Exit as error:
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        _common.fail("aborted", 130)
+    except BadInputError as error:
+        _common.fail(str(error), 2)
+    except RunFailedError as error:
+        _common.fail(str(error), 1)
+    except KeyboardInterrupt:
+        _common.fail("interrupted", 130)

@@ -1,0 +1,82 @@
+"""Output conventions shared by the subcommands: JSON on stdout when asked, everything else on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+STATE: dict[str, Any] = {"json": False}
+
+JSON_OPTION = typer.Option(False, "--json", help="Print a machine-readable result on stdout (logs go to stderr).")
+DATA_ROOT_OPTION = typer.Option(
+    None, "--data-root", envvar="NTKCL_DATA_ROOT", help="Where datasets live (default ~/.cache/ntkcl/data)."
+)
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+def set_json(enabled: bool) -> None:
+    STATE["json"] = enabled
+
+
+def emit(result: dict) -> None:
+    """The command's result: JSON on stdout in --json mode (human output is printed by the caller)."""
+    if STATE["json"]:
+        sys.stdout.write(json.dumps({"ok": True, **result}, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    message = " ".join(str(message).split())
+    if STATE["json"]:
+        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": code}) + "\n")
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def metrics_table(metrics: dict, title: str = "Accuracy (%) after each task") -> Table:
+    """R[t][i] with the all-seen, old and new accuracy of each step."""
+    size = metrics["num_tasks"]
+    table = Table(title=title, title_justify="left")
+    table.add_column("after task", justify="right")
+    for i in range(size):
+        table.add_column(f"T{i}", justify="right")
+    for name in ("all seen", "old", "new"):
+        table.add_column(name, justify="right", style="bold" if name == "all seen" else None)
+    for t, row in enumerate(metrics["accuracy_matrix"]):
+        table.add_row(
+            str(t),
+            *[_percent(value) for value in row],
+            _percent(metrics["all_seen_accuracy"][t]),
+            _percent(metrics["old_accuracy"][t]),
+            _percent(metrics["new_accuracy"][t]),
+        )
+    return table
+
+
+def metrics_summary(metrics: dict) -> str:
+    return (
+        f"A_T {_percent(metrics['final_accuracy'])}  "
+        f"mean incremental {_percent(metrics['mean_incremental_accuracy'])}  "
+        f"forgetting {_percent(metrics['forgetting'])}  "
+        f"BWT {_percent(metrics['backward_transfer'])}"
+    )
+
+
+def print_metrics(metrics: dict, title: str = "Accuracy (%) after each task") -> None:
+    stdout.print(metrics_table(metrics, title))
+    stdout.print(metrics_summary(metrics), highlight=False)
+
+
+def as_path(value: str | Path | None) -> Path | None:
+    return Path(value).expanduser() if value else None

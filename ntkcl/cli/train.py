@@ -1,0 +1,122 @@
+"""`ntkcl train`: resolve the configuration, train a continual-learning run, print the accuracy table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ntkcl.cli import _common
+from ntkcl.config import RunConfig, deep_merge, load_config, parse_assignment
+from ntkcl.engine import rundir
+from ntkcl.engine.builders import complete_config
+from ntkcl.engine.progress import Reporter
+from ntkcl.errors import BadInputError
+from ntkcl.presets import resolve_config
+
+
+def _flag_overrides(**flags) -> dict:
+    """Map the explicit flags onto config sections (only those the user gave)."""
+    mapping = {
+        "stream": ("stream", "dataset"),
+        "method": ("method", "name"),
+        "backbone": ("backbone", "name"),
+        "weights": ("backbone", "weights"),
+        "pretrained": ("backbone", "pretrained"),
+        "init_classes": ("stream", "init_classes"),
+        "increment": ("stream", "increment"),
+        "class_order_seed": ("stream", "class_order_seed"),
+        "data_root": ("stream", "data_root"),
+        "epochs": ("optim", "epochs"),
+        "lr": ("optim", "lr"),
+        "batch_size": ("optim", "batch_size"),
+        "seed": ("runtime", "seed"),
+        "device": ("runtime", "device"),
+        "precision": ("runtime", "precision"),
+        "num_workers": ("runtime", "num_workers"),
+    }
+    overrides: dict = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        section, key = mapping[flag]
+        overrides.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    return overrides
+
+
+def train(
+    stream: str | None = typer.Option(None, "--stream", "-s", help="Dataset / stream name (see `ntkcl datasets`)."),
+    method: str | None = typer.Option(None, "--method", "-m", help="Method name (default ntk-cl)."),
+    backbone: str | None = typer.Option(None, "--backbone", help="timm model as arch.tag."),
+    weights: Path | None = typer.Option(None, "--weights", help="Local backbone weights file or folder (offline)."),
+    pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained", help="Load the tag's weights."),
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML or YAML config file."),
+    assignments: list[str] = typer.Option([], "--set", help="Override any field: --set optim.lr=0.01 (repeatable)."),
+    init_classes: int | None = typer.Option(None, "--init-classes", help="Classes in the first task."),
+    increment: int | None = typer.Option(None, "--increment", help="Classes per later task."),
+    class_order_seed: int | None = typer.Option(None, "--class-order-seed", help="np.random.seed for the class order."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per task."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size."),
+    seed: int | None = typer.Option(None, "--seed", help="Training seed (separate from the class order)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str | None = typer.Option(None, "--precision", help="auto (bf16 on GPU), fp32 or bf16."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per process."),
+    data_root: str | None = _common.DATA_ROOT_OPTION,
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Folder that receives the run directory."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue RUN_DIR after its last finished task."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_output: bool = _common.JSON_OPTION,
+) -> None:
+    """Train a class-incremental run; writes runs/<stream>-<method>-<stamp>/ and prints the accuracy table."""
+    _common.set_json(json_output)
+    if resume is not None:
+        run_dir = rundir.check_run_dir(resume)
+        if any(v is not None for v in (stream, method, backbone, config_file)) or assignments:
+            raise BadInputError("--resume continues a run with its saved config; drop the other config options")
+        config = load_config(run_dir / rundir.CONFIG_FILE)
+        runtime = _flag_overrides(device=device, num_workers=num_workers).get("runtime", {})
+        config = RunConfig.model_validate(deep_merge(config.model_dump(mode="json"), {"runtime": runtime}))
+    else:
+        run_dir = None
+        overrides = _flag_overrides(
+            stream=stream,
+            method=method,
+            backbone=backbone,
+            weights=weights,
+            pretrained=pretrained,
+            init_classes=init_classes,
+            increment=increment,
+            class_order_seed=class_order_seed,
+            data_root=data_root,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            precision=precision,
+            num_workers=num_workers,
+        )
+        for assignment in assignments:
+            overrides = deep_merge(overrides, parse_assignment(assignment))
+        config = complete_config(resolve_config(config_file, overrides))
+    reporter = Reporter(enabled=not quiet)
+    from ntkcl.engine.loop import run_training
+
+    try:
+        result = run_training(config, out, run_dir, reporter)
+    except KeyboardInterrupt:
+        where = reporter.run_dir or "the run directory"
+        _common.fail(f"interrupted; finished tasks are saved; continue with `ntkcl train --resume {where}`", 130)
+    metrics = result.metrics
+    if json_output:
+        _common.emit({"run_dir": str(result.run_dir), "metrics": metrics})
+        return
+    _common.print_metrics(
+        metrics, title=f"{config.stream.dataset} / {config.method.name}: accuracy (%) after each task"
+    )
+    _common.stdout.print(f"run directory: {result.run_dir}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

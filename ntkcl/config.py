@@ -1,0 +1,184 @@
+"""Typed run configuration.
+
+A run's configuration is layered: defaults < stream preset < method preset (`ntkcl/presets/`) <
+`--config FILE` (TOML or YAML) < command-line flags and `--set key=value`. The fully resolved result is
+written to `config.json` in the run directory; every invalid value is reported with its dotted field name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ntkcl.errors import BadInputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StreamConfig(_Section):
+    """Which data and how it is cut into tasks.
+
+    `init_classes` / `increment` default to the dataset plugin's protocol (the NTK-CL paper's).
+    `class_order_seed` picks `np.random.seed(s); np.random.permutation(n)`; null keeps the base order;
+    `class_order` gives the permutation explicitly.
+    """
+
+    dataset: str = "digits"
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
+    init_classes: int | None = Field(default=None, ge=1)
+    increment: int | None = Field(default=None, ge=1)
+    class_order_seed: int | None = 0
+    class_order: list[int] | None = None
+    augment: Literal["paper", "resize"] = "paper"
+    data_root: Path | None = None
+
+
+class BackboneConfig(_Section):
+    """A stock timm ViT by full `arch.tag` name (weights from the Hub cache, a local file, or random)."""
+
+    name: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    pretrained: bool = True
+    weights: Path | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    init_seed: int = 0
+    normalize: Literal["none", "timm", "imagenet", "clip"] = "none"
+
+
+class MethodConfig(_Section):
+    """The method's entry-point name and its hyper-parameters (validated by the method's own model)."""
+
+    name: str = "simplecil"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(_Section):
+    """Per-task optimisation: a new optimizer and cosine schedule (stepped per epoch) for every task."""
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=5, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int = Field(default=128, ge=1)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = Field(default=0.0, ge=0)
+
+
+class RuntimeConfig(_Section):
+    """Where and how the run executes. `seed` is the training seed (separate from the class order)."""
+
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_workers: int = Field(default=4, ge=0)
+    gpus: list[int] | None = None
+    nproc: int = Field(default=1, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not value.startswith("cuda"):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+
+class RunConfig(_Section):
+    """Everything that defines a run; `config.json` in the run directory is this model, resolved."""
+
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming the first invalid field, what was given and what is allowed."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "config"
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"invalid {location}: {first['msg']}{shown}"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge; `override` wins. Neither argument is modified."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_config_file(path: Path) -> dict:
+    """A TOML (.toml) or YAML (.yaml/.yml) file as a dict; errors name the file."""
+    if not path.is_file():
+        raise BadInputError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise BadInputError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0]
+        raise BadInputError(f"config file {path} cannot be parsed: {reason}") from error
+    if not isinstance(data, dict):
+        raise BadInputError(f"config file {path} must hold a table/mapping at the top level")
+    return data
+
+
+def parse_assignment(assignment: str) -> dict:
+    """`a.b.c=value` as a nested dict; the value is read as TOML/JSON (numbers, booleans, lists) or text."""
+    key, separator, raw = assignment.partition("=")
+    if not separator or not key.strip():
+        raise BadInputError(f"--set expects KEY=VALUE, got {assignment!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = None if raw in ("null", "none", "None") else raw
+    nested: dict = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def validate(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise BadInputError(describe_validation_error(error)) from error
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    from ntkcl.data.manifest import atomic_write_text
+
+    atomic_write_text(path, config.model_dump_json(indent=2) + "\n")
+
+
+def load_config(path: Path) -> RunConfig:
+    return validate(json.loads(path.read_text(encoding="utf-8")))

@@ -1,0 +1,148 @@
+"""The dataset plugin contract.
+
+A plugin is an object registered under the `ntkcl.datasets` entry-point group; the entry-point name is the
+name users type (`ntkcl prepare NAME`, `ntkcl train --stream NAME`). It declares its metadata and the files
+it needs, turns downloaded or user-supplied files into a prepared folder with a manifest (`prepare`), and
+returns the samples of a split with integer labels in its documented base order (`load`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ntkcl.data.manifest import Manifest, read_manifest
+from ntkcl.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file a plugin needs. `url=None` means the user has to obtain it (see `instructions`)."""
+
+    name: str
+    url: str | None
+    size: int | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    instructions: str = ""
+
+    @property
+    def manual(self) -> bool:
+        return self.url is None
+
+    @property
+    def checksum_kind(self) -> str:
+        return "sha256" if self.sha256 else "md5" if self.md5 else "none"
+
+
+@dataclass
+class Samples:
+    """The images of one split: file paths or an in-memory uint8 array, plus base-order labels."""
+
+    labels: np.ndarray
+    paths: list[Path] | None = None
+    arrays: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if (self.paths is None) == (self.arrays is None):
+            raise ValueError("Samples needs exactly one of paths or arrays")
+        if len(self.labels) != (len(self.paths) if self.paths is not None else len(self.arrays)):
+            raise ValueError("Samples: labels and images differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
+        indices = np.asarray(indices, dtype=np.int64)
+        return Samples(
+            labels=self.labels[indices],
+            paths=[self.paths[i] for i in indices] if self.paths is not None else None,
+            arrays=self.arrays[indices] if self.arrays is not None else None,
+            class_names=self.class_names,
+        )
+
+
+def samples_from_manifest(dataset_dir: Path, manifest: Manifest, split: str) -> Samples:
+    """Resolve a manifest split into Samples (`file.npz#i` rows address arrays inside `file.npz`)."""
+    rows = manifest.splits.get(split)
+    if rows is None:
+        raise KeyError(f"{manifest.dataset} has no split {split!r} (has {sorted(manifest.splits)})")
+    labels = np.array([label for _, label in rows], dtype=np.int64)
+    if rows and "#" in rows[0][0]:
+        array_files: dict[str, np.ndarray] = {}
+        images = []
+        for relative, _ in rows:
+            file_name, index = relative.rsplit("#", 1)
+            if file_name not in array_files:
+                with np.load(dataset_dir / file_name) as archive:
+                    array_files[file_name] = archive["images"]
+            images.append(array_files[file_name][int(index)])
+        return Samples(labels=labels, arrays=np.stack(images), class_names=manifest.classes)
+    return Samples(labels=labels, paths=[dataset_dir / relative for relative, _ in rows], class_names=manifest.classes)
+
+
+class DatasetPlugin(ABC):
+    """Base class of dataset plugins; subclasses set the class attributes and implement `prepare`.
+
+    Attributes:
+        name: CLI name (must equal the entry-point name).
+        num_classes: number of classes; labels are 0..num_classes-1 in the base order below.
+        class_names: names in base-label order (may be filled from the manifest once prepared).
+        label_order: how base labels are assigned (e.g. "ImageFolder: case-sensitive sort of folder names").
+        homepage, license, citation: shown by `ntkcl datasets` and copied into model cards.
+        files: what `prepare` needs; empty for generated or bundled data.
+        default_init_classes, default_increment: the class-incremental protocol used when a run does not
+            say otherwise (the NTK-CL paper's protocol for its benchmarks).
+    """
+
+    name: str = ""
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    label_order: str = ""
+    homepage: str = ""
+    license: str = ""
+    citation: str = ""
+    files: tuple[RemoteFile, ...] = ()
+    default_init_classes: int = 0
+    default_increment: int = 0
+
+    def dataset_dir(self, root: Path) -> Path:
+        return Path(root) / self.name
+
+    def configure(self, **options) -> DatasetPlugin:
+        """A variant of this dataset from `stream.dataset_options`; plugins without options reject any."""
+        if options:
+            raise BadInputError(f"dataset {self.name!r} takes no options (got {sorted(options)})")
+        return self
+
+    @property
+    def needs_download(self) -> bool:
+        """False for data that is generated or ships with a package: `train` prepares it on the fly."""
+        return bool(self.files)
+
+    @property
+    def needs_manual_file(self) -> bool:
+        return any(remote.manual for remote in self.files)
+
+    def is_prepared(self, root: Path) -> bool:
+        return (self.dataset_dir(root) / "manifest.json").is_file()
+
+    @abstractmethod
+    def prepare(self, root: Path, source: Path | None = None, force: bool = False) -> Manifest:
+        """Make `<root>/<name>/` ready (download or import, verify, lay out) and write its manifest.
+
+        Must be idempotent: with a valid manifest already present and `force` false, verify and return it.
+        """
+
+    def manifest(self, root: Path) -> Manifest:
+        return read_manifest(self.dataset_dir(root))
+
+    def load(self, root: Path, split: str) -> Samples:
+        """Samples of `split` ("train" or "test") from the prepared folder."""
+        return samples_from_manifest(self.dataset_dir(root), self.manifest(root), split)

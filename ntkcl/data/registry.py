@@ -1,0 +1,41 @@
+"""Dataset plugins discovered through the `ntkcl.datasets` entry-point group."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ntkcl._entry_points import Discovered, discover
+from ntkcl.data.plugin import DatasetPlugin
+from ntkcl.errors import BadInputError
+
+GROUP = "ntkcl.datasets"
+DATA_ROOT_ENV = "NTKCL_DATA_ROOT"
+
+
+def default_data_root() -> Path:
+    """`$NTKCL_DATA_ROOT`, else `~/.cache/ntkcl/data`."""
+    configured = os.environ.get(DATA_ROOT_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ntkcl" / "data"
+
+
+def discover_datasets() -> dict[str, Discovered]:
+    """Every registered dataset entry point, broken ones included (with their error)."""
+    found = discover(GROUP)
+    for item in found.values():
+        if item.ok and not isinstance(item.obj, DatasetPlugin):
+            item.error = f"entry point {item.target} is not a DatasetPlugin instance"
+            item.obj = None
+    return found
+
+
+def get_dataset(name: str) -> DatasetPlugin:
+    """The plugin called `name`; an unknown or broken name is a BadInputError listing the valid ones."""
+    found = discover_datasets()
+    item = found.get(name)
+    if item is None:
+        valid = ", ".join(n for n, i in found.items() if i.ok)
+        raise BadInputError(f"unknown dataset {name!r}; valid: {valid}")
+    if not item.ok:
+        raise BadInputError(f"dataset plugin {name!r} (from {item.distribution}) failed to load: {item.error}")
+    return item.obj

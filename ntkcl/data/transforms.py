@@ -1,0 +1,37 @@
+"""Image transforms.
+
+"paper" is the recipe of NTK-CL, PILOT and l2p/dualprompt-pytorch, scaled to the backbone's input size:
+train RandomResizedCrop(scale 0.05-1, ratio 3/4-4/3) + horizontal flip; test Resize(size * 256/224,
+bicubic) + CenterCrop(size). Both end in ToTensor with no mean/std (normalisation, when wanted, is done by
+the backbone). "resize" only resizes: for tiny images (digits, synthetic) where crops would destroy them.
+"""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+AUGMENTATIONS = ("paper", "resize")
+
+
+def build_transforms(augment: str, image_size: int) -> tuple[T.Compose, T.Compose]:
+    """(train transform, test transform) for `augment` in AUGMENTATIONS."""
+    if augment == "paper":
+        train = T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
+                T.RandomHorizontalFlip(0.5),
+                T.ToTensor(),
+            ]
+        )
+        test = T.Compose(
+            [
+                T.Resize(round(image_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+            ]
+        )
+        return train, test
+    if augment == "resize":
+        plain = T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
+        return plain, plain
+    raise ValueError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTATIONS)}")

@@ -1,0 +1,1 @@
+"""The training engine: task loop, evaluation, metrics, checkpoints, distributed execution."""

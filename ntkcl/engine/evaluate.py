@@ -1,0 +1,154 @@
+"""Evaluation on all seen classes and the end-of-task data view, both sharded without padding."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ntkcl.data.loaders import ImageDataset, ShardSampler
+from ntkcl.data.stream import ClassIncrementalStream
+from ntkcl.engine.distributed import DistributedContext
+from ntkcl.methods.base import ContinualMethod, TaskInfo
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU unless fp32 is asked for; plain fp32 on CPU (precision "auto")."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def sharded_loader(
+    dataset: ImageDataset, indices: np.ndarray, ctx: DistributedContext, batch_size: int, num_workers: int
+) -> DataLoader:
+    sampler = ShardSampler(np.arange(len(indices)), ctx.rank, ctx.world_size)
+    return DataLoader(
+        Subset(dataset, indices.tolist()),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+class TaskImages:
+    """`TaskData` for `end_task`: the task's training images under test-time transforms, this rank's shard."""
+
+    def __init__(
+        self,
+        stream: ClassIncrementalStream,
+        task: TaskInfo,
+        transform: Callable,
+        ctx: DistributedContext,
+        batch_size: int,
+        num_workers: int,
+    ):
+        self.device = ctx.device
+        self._ctx = ctx
+        dataset = ImageDataset(stream.train, transform)
+        self._loader = sharded_loader(dataset, stream.train_indices(task), ctx, batch_size, num_workers)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self._loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._ctx.all_reduce_sum(tensor)
+
+
+@torch.no_grad()
+def evaluate(
+    method: ContinualMethod,
+    stream: ClassIncrementalStream,
+    upto: TaskInfo,
+    transform: Callable,
+    ctx: DistributedContext,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+) -> list[tuple[int, int]]:
+    """(correct, total) for each task 0..upto on the test images of all classes seen so far."""
+    method.eval()
+    num_tasks = upto.index + 1
+    task_of_label = torch.as_tensor(stream.task_of_label(), device=ctx.device)
+    correct = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
+    total = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
+    dataset = ImageDataset(stream.test, transform)
+    loader = sharded_loader(dataset, stream.test_indices(upto), ctx, batch_size, num_workers)
+    for images, labels in loader:
+        images = images.to(ctx.device, non_blocking=True)
+        labels = labels.to(ctx.device, non_blocking=True)
+        with autocast_for(ctx.device, precision):
+            logits = method.predict(images)
+        predictions = logits.float().argmax(dim=1)
+        tasks = task_of_label[labels]
+        correct.index_add_(0, tasks, (predictions == labels).long())
+        total.index_add_(0, tasks, torch.ones_like(labels))
+    ctx.all_reduce_sum(correct)
+    ctx.all_reduce_sum(total)
+    return list(zip(correct.tolist(), total.tolist()))
+
+
+def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
+    """Rebuild every saved task of a run and recompute its accuracy matrix from the checkpoints.
+
+    Returns the recomputed metrics, the ones training reported, and whether the matrices are identical.
+    """
+    from pathlib import Path
+
+    from ntkcl.config import load_config
+    from ntkcl.data.transforms import build_transforms
+    from ntkcl.engine import rundir
+    from ntkcl.engine.builders import build_backbone, build_method, build_stream
+    from ntkcl.engine.distributed import init_distributed
+    from ntkcl.engine.metrics import AccuracyMatrix
+    from ntkcl.errors import BadInputError
+
+    run_dir = rundir.check_run_dir(Path(run_dir))
+    config = load_config(run_dir / rundir.CONFIG_FILE)
+    if data_root is not None:
+        config.stream.data_root = data_root
+    checkpoints = rundir.finished_checkpoints(run_dir)
+    if not checkpoints:
+        raise BadInputError(f"{run_dir} has no finished task to evaluate")
+    ctx = init_distributed(config.runtime.device)
+    stream, _ = build_stream(config, ctx)
+    backbone = build_backbone(config).to(ctx.device)
+    saved = rundir.read_json(run_dir / rundir.RUN_FILE)
+    if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
+        raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
+    _, test_transform = build_transforms(config.stream.augment, backbone.img_size)
+    rows = []
+    for index, checkpoint in enumerate(checkpoints):
+        state, _ = rundir.load_checkpoint(checkpoint)
+        method = build_method(config, backbone)
+        method.load_learned_state(state, stream.tasks()[: index + 1])
+        method.to(ctx.device)
+        rows.append(
+            evaluate(
+                method,
+                stream,
+                stream.task(index),
+                test_transform,
+                ctx,
+                config.optim.eval_batch_size,
+                config.runtime.num_workers,
+                config.runtime.precision,
+            )
+        )
+        if reporter is not None:
+            reporter.message(f"evaluated task {index + 1}/{len(checkpoints)}")
+    matrix = AccuracyMatrix.from_rows(rows)
+    reported = rundir.read_json(run_dir / rundir.METRICS_FILE) if (run_dir / rundir.METRICS_FILE).is_file() else {}
+    return {
+        "run_dir": str(run_dir),
+        "finished": len(checkpoints) == stream.num_tasks,
+        "metrics": matrix.summary(),
+        "matches_training": reported.get("correct") == matrix.correct and reported.get("total") == matrix.total,
+    }

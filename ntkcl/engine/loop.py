@@ -1,0 +1,303 @@
+"""The task loop.
+
+For every task: reseed, `begin_task`, train with a new optimizer and cosine schedule (stepped per epoch) on
+the task's own data, `end_task` statistics, evaluate on all seen classes, then write an atomic checkpoint and
+the metrics so far. Seeds are derived from (run seed, task index[, rank]), so a run resumed after task k
+continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import ntkcl
+from ntkcl.config import OptimConfig, RunConfig, save_config
+from ntkcl.data.loaders import ImageDataset
+from ntkcl.data.stream import ClassIncrementalStream
+from ntkcl.data.transforms import build_transforms
+from ntkcl.engine import rundir
+from ntkcl.engine.builders import build_backbone, build_method, build_stream
+from ntkcl.engine.distributed import DistributedContext
+from ntkcl.engine.evaluate import TaskImages, autocast_for, evaluate
+from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.progress import Reporter
+from ntkcl.errors import BadInputError, RunFailedError
+from ntkcl.methods.base import ContinualMethod, TaskInfo
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    matrix: AccuracyMatrix
+    metrics: dict
+    finished: bool
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed from a tuple of integers (run seed, task, rank...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(groups: list[dict], settings: OptimConfig) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimConfig):
+    if settings.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs, eta_min=settings.min_lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def per_process_batch(batch_size: int, world_size: int) -> int:
+    """The global batch size stays the configured one: each of N processes takes batch_size / N."""
+    if batch_size % world_size:
+        raise BadInputError(f"batch_size={batch_size} is not divisible by the {world_size} processes")
+    return batch_size // world_size
+
+
+def start_run(config: RunConfig, out: Path, ctx: DistributedContext) -> Path:
+    """Rank 0 creates the run folder and writes config.json; every rank gets its path."""
+    path = None
+    if ctx.is_main:
+        path = rundir.new_run_dir(out, config.stream.dataset, config.method.name)
+        save_config(config, path / rundir.CONFIG_FILE)
+    return Path(ctx.broadcast_object(str(path) if path else None))
+
+
+def run_record(config: RunConfig, stream: ClassIncrementalStream, manifest_sha256: str, backbone, ctx) -> dict:
+    device = ctx.device
+    return {
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "command": sys.argv,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "numpy": np.__version__,
+            "ntkcl": ntkcl.__version__,
+        },
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "world_size": ctx.world_size,
+        "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_sha256},
+        "dataset": {"name": config.stream.dataset, "manifest_sha256": manifest_sha256},
+        "class_order": stream.order,
+        "class_names": stream.class_names,
+        "task_sizes": stream.sizes,
+        "seeds": {"training": config.runtime.seed, "class_order": config.stream.class_order_seed},
+    }
+
+
+class Trainer:
+    """Runs (or resumes) the task loop of one run directory."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, ctx: DistributedContext, reporter: Reporter):
+        self.config = config
+        self.run_dir = run_dir
+        self.ctx = ctx
+        self.reporter = reporter if ctx.is_main else Reporter(enabled=False)
+        self.stream, manifest = build_stream(config, ctx)
+        self.backbone = build_backbone(config).to(ctx.device)
+        self.method: ContinualMethod = build_method(config, self.backbone).to(ctx.device)
+        if ctx.enabled and not self.method.supports_distributed:
+            raise BadInputError(f"method {self.method.name} does not support distributed training; use one process")
+        self.train_transform, self.test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
+        self.record = run_record(config, self.stream, manifest.sha256, self.backbone, ctx)
+
+    def _restore(self) -> list[list[tuple[int, int]]]:
+        """Load the last finished checkpoint; return the accuracy rows of the finished tasks."""
+        checkpoints = rundir.finished_checkpoints(self.run_dir)
+        expected = [rundir.checkpoint_dir(self.run_dir, i).name for i in range(len(checkpoints))]
+        if [p.name for p in checkpoints] != expected:
+            raise BadInputError(f"{self.run_dir} has non-contiguous checkpoints {[p.name for p in checkpoints]}")
+        if not checkpoints:
+            return []
+        saved = rundir.read_json(self.run_dir / rundir.RUN_FILE)
+        if saved["backbone"]["weights_sha256"] != self.backbone.weights_sha256:
+            raise BadInputError("the backbone weights differ from the ones this run started with (sha256 mismatch)")
+        if saved["class_order"] != self.stream.order:
+            raise BadInputError("the class order differs from the one this run started with")
+        rows = [[tuple(pair) for pair in rundir.read_json(p / rundir.TASK_FILE)["counts"]] for p in checkpoints]
+        state, _ = rundir.load_checkpoint(checkpoints[-1])
+        self.method.load_learned_state(state, self.stream.tasks()[: len(checkpoints)])
+        self.method.to(self.ctx.device)
+        return rows
+
+    def run(self, resume: bool = False) -> RunResult:
+        ctx = self.ctx
+        rows = self._restore() if resume else []
+        if ctx.is_main and not resume:
+            rundir.write_json(self.run_dir / rundir.RUN_FILE, self.record)
+        started = time.perf_counter()
+        if resume and rows:
+            self.reporter.message(f"resuming {self.run_dir.name} after task {len(rows)}/{self.stream.num_tasks}")
+        for task in self.stream.tasks()[len(rows) :]:
+            rows.append(self._run_task(task))
+        matrix = AccuracyMatrix.from_rows(rows) if rows else None
+        metrics = {}
+        if ctx.is_main and matrix is not None:
+            metrics = rundir.write_metrics(
+                self.run_dir,
+                matrix,
+                finished=True,
+                extra={"wall_time_s_last_session": time.perf_counter() - started},
+            )
+        ctx.barrier()
+        return RunResult(self.run_dir, matrix, metrics, finished=True)
+
+    def _run_task(self, task: TaskInfo) -> list[tuple[int, int]]:
+        ctx, config = self.ctx, self.config
+        started = time.perf_counter()
+        seed_everything(derived_seed(config.runtime.seed, task.index))
+        self.method.begin_task(task)
+        self.method.to(ctx.device)
+        seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
+        epochs = self._train(task)
+        self.method.eval()
+        data = TaskImages(
+            self.stream,
+            task,
+            self.test_transform,
+            ctx,
+            config.optim.eval_batch_size,
+            config.runtime.num_workers,
+        )
+        with torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
+            self.method.end_task(task, data)
+        counts = evaluate(
+            self.method,
+            self.stream,
+            task,
+            self.test_transform,
+            ctx,
+            config.optim.eval_batch_size,
+            config.runtime.num_workers,
+            config.runtime.precision,
+        )
+        seconds = time.perf_counter() - started
+        if ctx.is_main:
+            record = {"task": task.index, "counts": counts, "epochs": epochs, "seconds": seconds}
+            rundir.save_checkpoint(self.run_dir, task.index, self.method.learned_state(), record)
+            rundir.append_log(self.run_dir, {"event": "task_end", **record})
+            matrix = AccuracyMatrix.from_rows(self._rows_so_far(task, counts))
+            rundir.write_metrics(self.run_dir, matrix, finished=task.is_last)
+            seen = matrix.all_seen_accuracy()[-1]
+            self.reporter.message(
+                f"task {task.index + 1}/{task.num_tasks}: accuracy on {task.total_classes} seen classes "
+                f"{seen:.2f}% ({seconds:.1f}s)"
+            )
+        ctx.barrier()
+        return counts
+
+    def _rows_so_far(self, task: TaskInfo, counts: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        rows = [
+            [
+                tuple(pair)
+                for pair in rundir.read_json(rundir.checkpoint_dir(self.run_dir, i) / rundir.TASK_FILE)["counts"]
+            ]
+            for i in range(task.index)
+        ]
+        return [*rows, counts]
+
+    def _train(self, task: TaskInfo) -> list[dict]:
+        """Train the current task; returns one log record per epoch."""
+        ctx, config, method = self.ctx, self.config, self.method
+        trainable = [p for p in method.parameters() if p.requires_grad]
+        if not trainable or config.optim.epochs == 0:
+            return []
+        dataset = Subset(
+            ImageDataset(self.stream.train, self.train_transform), self.stream.train_indices(task).tolist()
+        )
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            shuffle=True,
+            seed=derived_seed(config.runtime.seed, task.index),
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=per_process_batch(config.optim.batch_size, ctx.world_size),
+            sampler=sampler,
+            num_workers=config.runtime.num_workers,
+            pin_memory=ctx.device.type == "cuda",
+            persistent_workers=config.runtime.num_workers > 0,
+            generator=torch.Generator().manual_seed(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank)),
+        )
+        model = method
+        if ctx.enabled:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            model = DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
+        optimizer = build_optimizer(method.parameter_groups(), config.optim)
+        scheduler = build_scheduler(optimizer, config.optim)
+        history = []
+        for epoch in range(config.optim.epochs):
+            method.train()
+            sampler.set_epoch(epoch)
+            learning_rate = optimizer.param_groups[0]["lr"]
+            totals: dict[str, torch.Tensor] = {}
+            batches = 0
+            label = f"task {task.index + 1}/{task.num_tasks} epoch {epoch + 1}/{config.optim.epochs}"
+            self.reporter.start_epoch(label, len(loader))
+            for images, labels in loader:
+                images = images.to(ctx.device, non_blocking=True)
+                labels = labels.to(ctx.device, non_blocking=True)
+                with autocast_for(ctx.device, config.runtime.precision):
+                    loss, logs = model(images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for key, value in {"loss": loss.detach(), **logs}.items():
+                    totals[key] = totals.get(key, 0.0) + value.detach().float()
+                batches += 1
+                self.reporter.advance(len(labels))
+            scheduler.step()
+            means = {
+                key: (ctx.all_reduce_sum(value.clone()) / (batches * ctx.world_size)).item()
+                for key, value in totals.items()
+            }
+            if not math.isfinite(means["loss"]):
+                raise RunFailedError(f"the loss became {means['loss']} in task {task.index} epoch {epoch}")
+            summary = ", ".join(f"{key} {value:.4f}" for key, value in sorted(means.items()))
+            rate = self.reporter.end_epoch(summary)
+            record = {"task": task.index, "epoch": epoch, "lr": learning_rate, **means, "images_per_s": rate}
+            history.append(record)
+            if ctx.is_main:
+                rundir.append_log(self.run_dir, {"event": "epoch_end", **record})
+        return history
+
+
+def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter: Reporter) -> RunResult:
+    """Train a new run under `out`, or continue `resume_dir`, in this process (one rank of a group or alone)."""
+    from ntkcl.engine.distributed import init_distributed, shutdown_distributed
+
+    ctx = init_distributed(config.runtime.device, config.runtime.gpus)
+    try:
+        run_dir = resume_dir if resume_dir is not None else start_run(config, out, ctx)
+        reporter.run_dir = run_dir
+        trainer = Trainer(config, run_dir, ctx, reporter)
+        return trainer.run(resume=resume_dir is not None)
+    finally:
+        shutdown_distributed()

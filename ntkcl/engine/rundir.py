@@ -1,0 +1,125 @@
+"""The run directory: `runs/<stream>-<method>-<UTC stamp>/`.
+
+config.json           the fully resolved RunConfig
+run.json              versions, device, backbone + weight sha256, data manifest sha256, class order, seeds
+log.jsonl             one JSON record per epoch / task event
+metrics.json          accuracy matrix and summary metrics (rewritten after every task)
+acc_matrix.csv        R[t][i] as a table
+checkpoints/task-XX/  learned state after task XX, written atomically (temporary folder + rename)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ntkcl.data.manifest import atomic_write_text
+from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.errors import BadInputError
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+MATRIX_FILE = "acc_matrix.csv"
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "learned_state.safetensors"
+TASK_FILE = "task.json"
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def new_run_dir(out: Path, stream: str, method: str) -> Path:
+    """A fresh, unique run folder under `out` (never an existing one)."""
+    base = f"{stream}-{method}-{utc_stamp()}"
+    candidate, suffix = out / base, 1
+    while candidate.exists():
+        suffix += 1
+        candidate = out / f"{base}-{suffix}"
+    try:
+        candidate.mkdir(parents=True)
+    except OSError as error:
+        raise BadInputError(f"cannot create run directory under {out}: {error.strerror or error}") from error
+    if not os.access(candidate, os.W_OK):
+        raise BadInputError(f"run directory {candidate} is not writable")
+    return candidate
+
+
+def check_run_dir(path: Path) -> Path:
+    """`path` if it is a run directory, else a BadInputError saying what is wrong."""
+    if not path.exists():
+        raise BadInputError(f"run directory {path} does not exist")
+    if not (path / CONFIG_FILE).is_file() or not (path / RUN_FILE).is_file():
+        raise BadInputError(f"{path} is not an ntkcl run directory (no {CONFIG_FILE} / {RUN_FILE})")
+    return path
+
+
+def latest_run(out: Path) -> Path:
+    """The most recently started run under `out`."""
+    runs = [p for p in out.glob("*") if (p / RUN_FILE).is_file()] if out.is_dir() else []
+    if not runs:
+        raise BadInputError(f"no runs under {out}; train one with `ntkcl train` or pass RUN_DIR")
+    return max(runs, key=lambda p: (json.loads((p / RUN_FILE).read_text()).get("started_at", ""), p.name))
+
+
+def write_json(path: Path, document: dict) -> None:
+    atomic_write_text(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise BadInputError(f"cannot read {path}: {error}") from error
+
+
+def append_log(run_dir: Path, record: dict) -> None:
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def write_metrics(run_dir: Path, matrix: AccuracyMatrix, finished: bool, extra: dict | None = None) -> dict:
+    document = {"finished": finished, **matrix.summary(), **(extra or {})}
+    write_json(run_dir / METRICS_FILE, document)
+    atomic_write_text(run_dir / MATRIX_FILE, matrix.to_csv())
+    return document
+
+
+def checkpoint_dir(run_dir: Path, task_index: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"task-{task_index:02d}"
+
+
+def save_checkpoint(run_dir: Path, task_index: int, state: dict[str, torch.Tensor], record: dict) -> Path:
+    """Write the task's learned state and record into a temporary folder, then rename it into place."""
+    final = checkpoint_dir(run_dir, task_index)
+    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    save_file(tensors, temporary / STATE_FILE, metadata={"format": "pt"})
+    write_json(temporary / TASK_FILE, record)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    return final
+
+
+def finished_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in task order (half-written temporary folders are ignored)."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("task-*") if (p / TASK_FILE).is_file() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(path / STATE_FILE), read_json(path / TASK_FILE)

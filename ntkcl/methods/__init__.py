@@ -1,0 +1,1 @@
+"""Continual-learning methods; each implements `ntkcl.methods.base.ContinualMethod`."""

@@ -1,0 +1,188 @@
+"""The method protocol: a small set of task-level hooks the engine calls.
+
+    begin_task(task)              grow heads / make per-task modules before training a task
+    training_step(images, labels) -> StepOutput(loss, logs)   (also `forward`, so DDP can wrap the method)
+    end_task(task, data)          statistics over the task's training images (prototypes, averages, bases)
+    predict(images)               logits over every class seen so far; no task identity is given
+
+A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
+modules) and whether it supports distributed data-parallel training (`supports_distributed`).
+Methods never import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ntkcl.models.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One step of a class-incremental stream, in stream-ordered labels.
+
+    Task `index` introduces the labels `known_classes .. known_classes + len(classes) - 1`.
+    """
+
+    index: int
+    num_tasks: int
+    known_classes: int
+    num_new_classes: int
+
+    @property
+    def classes(self) -> range:
+        return range(self.known_classes, self.known_classes + self.num_new_classes)
+
+    @property
+    def total_classes(self) -> int:
+        return self.known_classes + self.num_new_classes
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_tasks - 1
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns: the loss to back-propagate and detached scalars to log."""
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class TaskData(Protocol):
+    """The current task's training images under test-time transforms, for end-of-task statistics.
+
+    In a distributed run each process sees a disjoint shard (no sampler padding); sums must go through
+    `all_reduce_sum` so every process ends with the same statistics.
+    """
+
+    device: torch.device
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class MethodParams(BaseModel):
+    """Base of every method's hyper-parameter model (unknown keys are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def class_sums(
+    features: torch.Tensor, labels: torch.Tensor, first_class: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class float64 feature sums and counts for labels first_class .. first_class+num_classes-1."""
+    local = labels - first_class
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+    sums.index_add_(0, local, features.to(torch.float64))
+    counts = torch.bincount(local, minlength=num_classes).to(torch.float64)
+    return sums, counts
+
+
+def class_means(data: TaskData, feature_fn, first_class: int, num_classes: int) -> torch.Tensor:
+    """Mean feature of each class of the task, reduced over all processes (fp64 accumulation)."""
+    sums = counts = None
+    for images, labels in data.batches():
+        features = feature_fn(images).float()
+        batch_sums, batch_counts = class_sums(features, labels, first_class, num_classes)
+        sums = batch_sums if sums is None else sums + batch_sums
+        counts = batch_counts if counts is None else counts + batch_counts
+    if sums is None:
+        raise RuntimeError("end-of-task statistics saw no images")
+    sums = data.all_reduce_sum(sums)
+    counts = data.all_reduce_sum(counts)
+    return (sums / counts.clamp_min(1).unsqueeze(1)).float()
+
+
+class ContinualMethod(nn.Module, ABC):
+    """Base class of continual-learning methods.
+
+    Args:
+        backbone: the frozen pre-trained model (shared, never saved by the method).
+        params: the method's validated hyper-parameters (an instance of `Params`).
+
+    Class attributes:
+        name: the entry-point / CLI name.
+        Params: pydantic model of the hyper-parameters (`ntkcl train --set method.params.x=...`).
+        supports_distributed: whether DDP over several processes is allowed.
+        transient: attribute names of modules that live for one task and are not saved (e.g. proxy heads).
+        citation: BibTeX-ish reference printed in model cards.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    supports_distributed: ClassVar[bool] = True
+    transient: ClassVar[tuple[str, ...]] = ()
+    citation: ClassVar[str] = ""
+
+    def __init__(self, backbone: Backbone, params: MethodParams):
+        super().__init__()
+        self.backbone = backbone
+        self.params = params
+        self.seen_classes = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.mean.device
+
+    @abstractmethod
+    def begin_task(self, task: TaskInfo) -> None:
+        """Prepare for `task` (grow heads, create per-task modules on `self.device`)."""
+
+    @abstractmethod
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """Loss for one batch of the current task (labels are stream-ordered global labels)."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`training_step` as a (loss, logs) tuple, the output shape DistributedDataParallel expects."""
+        output = self.training_step(images, labels)
+        return output.loss, output.logs
+
+    @torch.no_grad()
+    def end_task(self, task: TaskInfo, data: TaskData) -> None:
+        """Statistics after training `task` (default: nothing)."""
+        self.seen_classes = task.total_classes
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits over all `seen_classes`, without task identity."""
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups for the current task (default: every trainable parameter)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to predict again: the state dict minus the backbone and transient modules."""
+        skipped = ("backbone.",) + tuple(f"{name}." for name in self.transient)
+        return {key: value.detach().clone() for key, value in self.state_dict().items() if not key.startswith(skipped)}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor], finished: Sequence[TaskInfo]) -> None:
+        """Rebuild the structure of the `finished` tasks, then load `state` (exact key match required)."""
+        for task in finished:
+            self.begin_task(task)
+        self.seen_classes = finished[-1].total_classes if finished else 0
+        expected = set(self.learned_state())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"saved state does not fit {self.name}: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        own = self.state_dict()
+        for key, value in state.items():
+            if own[key].shape != value.shape:
+                raise ValueError(f"saved {key} has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
+        self.load_state_dict(state, strict=False)

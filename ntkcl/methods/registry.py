@@ -1,0 +1,44 @@
+"""Methods discovered through the `ntkcl.methods` entry-point group."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from ntkcl._entry_points import Discovered, discover
+from ntkcl.errors import BadInputError
+from ntkcl.methods.base import ContinualMethod, MethodParams
+
+GROUP = "ntkcl.methods"
+
+
+def discover_methods() -> dict[str, Discovered]:
+    found = discover(GROUP)
+    for item in found.values():
+        if item.ok and not (isinstance(item.obj, type) and issubclass(item.obj, ContinualMethod)):
+            item.error = f"entry point {item.target} is not a ContinualMethod subclass"
+            item.obj = None
+    return found
+
+
+def get_method(name: str) -> type[ContinualMethod]:
+    """The method class called `name`; unknown names are a BadInputError listing the valid ones."""
+    found = discover_methods()
+    item = found.get(name)
+    if item is None:
+        valid = ", ".join(n for n, i in found.items() if i.ok)
+        raise BadInputError(f"unknown method {name!r}; valid: {valid}")
+    if not item.ok:
+        raise BadInputError(f"method plugin {name!r} (from {item.distribution}) failed to load: {item.error}")
+    return item.obj
+
+
+def validate_params(method: type[ContinualMethod], params: dict) -> MethodParams:
+    """The method's hyper-parameters with defaults filled in; errors name `method.params.<field>`."""
+    try:
+        return method.Params.model_validate(params)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"])
+        given = first.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        raise BadInputError(f"invalid method.params.{location} for {method.name}: {first['msg']}{shown}") from error

@@ -1,0 +1,1 @@
+"""Backbone loading (timm), PEFT building blocks and classifier heads."""
