@@ -1,0 +1,59 @@
+"""Shared fixtures: an isolated data root, a tiny random ViT, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+# A timm ViT small enough for CPU tests: 32-pixel input, 8-pixel patches (16 tokens + CLS), width 64, 2 blocks.
+TINY_BACKBONE = {"name": "test_vit", "pretrained": False, "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+TINY_BACKBONE_FLAGS = [
+    "--backbone",
+    "test_vit",
+    "--no-pretrained",
+    "--set",
+    "backbone.model_kwargs={img_size=32, patch_size=8, depth=2}",
+]
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setenv("NTKCL_DATA_ROOT", str(root))
+    return root
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `ntkcl ARGS...` in-process; returns exit code, stdout and stderr."""
+    from ntkcl.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
