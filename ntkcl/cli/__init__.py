@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from ntkcl import __version__
 from ntkcl.cli import _common
@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as error:
-        typer.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
-        sys.exit(0)
-    except click.exceptions.UsageError as error:
-        _common.fail(error.format_message(), 2)
-    except click.exceptions.Exit as error:
+    except typer.Exit as error:
         sys.exit(error.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         _common.fail("aborted", 130)
+    except TyperException as error:
+        # Usage errors of the command-line parser (unknown option, missing argument, bad value).
+        if type(error).__name__ == "NoArgsIsHelpError":  # the parser has already printed the help
+            sys.exit(0)
+        _common.fail(error.format_message(), getattr(error, "exit_code", 2))
     except BadInputError as error:
         _common.fail(str(error), 2)
     except RunFailedError as error:

@@ -12,7 +12,7 @@ from ntkcl.config import RunConfig
 from ntkcl.data.manifest import Manifest
 from ntkcl.data.plugin import DatasetPlugin
 from ntkcl.data.registry import default_data_root, get_dataset
-from ntkcl.data.stream import ClassIncrementalStream
+from ntkcl.data.stream import ClassIncrementalStream, task_sizes
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod
@@ -37,10 +37,7 @@ def complete_config(config: RunConfig) -> RunConfig:
         resolved.stream.init_classes = plugin.default_init_classes
     if resolved.stream.increment is None:
         resolved.stream.increment = plugin.default_increment
-    if resolved.stream.init_classes > plugin.num_classes:
-        raise BadInputError(
-            f"init_classes={resolved.stream.init_classes} does not fit {plugin.name} ({plugin.num_classes} classes)"
-        )
+    task_sizes(plugin.num_classes, resolved.stream.init_classes, resolved.stream.increment)
     resolved.method.params = validate_params(method, config.method.params).model_dump(mode="json")
     return resolved
 
