@@ -84,7 +84,7 @@ class RuntimeConfig(_Section):
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_workers: int = Field(default=4, ge=0)
+    num_workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null = min(4, CPUs)")
     gpus: list[int] | None = None
     nproc: int = Field(default=1, ge=1)
 

@@ -6,7 +6,9 @@ Exit codes: 0 success, 2 bad input (one line on stderr, never a traceback), 1 th
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import typer
 from typer.exceptions import TyperException
@@ -65,3 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         _common.fail(str(error), 1)
     except KeyboardInterrupt:
         _common.fail("interrupted", 130)
+    except Exception as error:
+        # A failure of the run itself: one line (the traceback only when NTKCL_DEBUG is set).
+        if os.environ.get("NTKCL_DEBUG"):
+            traceback.print_exc()
+        _common.fail(f"{type(error).__name__}: {error}", 1)

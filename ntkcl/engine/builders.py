@@ -6,6 +6,7 @@ same way everywhere.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ntkcl.config import RunConfig
@@ -37,6 +38,8 @@ def complete_config(config: RunConfig) -> RunConfig:
         resolved.stream.init_classes = plugin.default_init_classes
     if resolved.stream.increment is None:
         resolved.stream.increment = plugin.default_increment
+    if resolved.runtime.num_workers is None:
+        resolved.runtime.num_workers = min(4, os.cpu_count() or 1)
     task_sizes(plugin.num_classes, resolved.stream.init_classes, resolved.stream.increment)
     resolved.method.params = validate_params(method, config.method.params).model_dump(mode="json")
     return resolved
