@@ -10,6 +10,8 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
+from ntkcl.errors import BadInputError
+
 
 @dataclass
 class Discovered:
@@ -40,3 +42,14 @@ def discover(group: str) -> dict[str, Discovered]:
             item.error = f"{type(error).__name__}: {error}"
         found[entry.name] = item
     return dict(sorted(found.items()))
+
+
+def require(found: dict[str, Discovered], name: str, kind: str) -> Any:
+    """The object registered as `name`; unknown or broken names are a BadInputError listing the valid ones."""
+    item = found.get(name)
+    if item is None:
+        valid = ", ".join(n for n, i in found.items() if i.ok)
+        raise BadInputError(f"unknown {kind} {name!r}; valid: {valid}")
+    if not item.ok:
+        raise BadInputError(f"{kind} plugin {name!r} (from {item.distribution}) failed to load: {item.error}")
+    return item.obj

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ntkcl._entry_points import Discovered, discover
+from ntkcl._entry_points import Discovered, discover, require
 from ntkcl.data.plugin import DatasetPlugin
-from ntkcl.errors import BadInputError
 
 GROUP = "ntkcl.datasets"
 DATA_ROOT_ENV = "NTKCL_DATA_ROOT"
@@ -31,11 +30,4 @@ def discover_datasets() -> dict[str, Discovered]:
 
 def get_dataset(name: str) -> DatasetPlugin:
     """The plugin called `name`; an unknown or broken name is a BadInputError listing the valid ones."""
-    found = discover_datasets()
-    item = found.get(name)
-    if item is None:
-        valid = ", ".join(n for n, i in found.items() if i.ok)
-        raise BadInputError(f"unknown dataset {name!r}; valid: {valid}")
-    if not item.ok:
-        raise BadInputError(f"dataset plugin {name!r} (from {item.distribution}) failed to load: {item.error}")
-    return item.obj
+    return require(discover_datasets(), name, "dataset")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from ntkcl._entry_points import Discovered, discover
+from ntkcl._entry_points import Discovered, discover, require
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod, MethodParams
 
@@ -22,14 +22,7 @@ def discover_methods() -> dict[str, Discovered]:
 
 def get_method(name: str) -> type[ContinualMethod]:
     """The method class called `name`; unknown names are a BadInputError listing the valid ones."""
-    found = discover_methods()
-    item = found.get(name)
-    if item is None:
-        valid = ", ".join(n for n, i in found.items() if i.ok)
-        raise BadInputError(f"unknown method {name!r}; valid: {valid}")
-    if not item.ok:
-        raise BadInputError(f"method plugin {name!r} (from {item.distribution}) failed to load: {item.error}")
-    return item.obj
+    return require(discover_methods(), name, "method")
 
 
 def validate_params(method: type[ContinualMethod], params: dict) -> MethodParams:
