@@ -25,6 +25,12 @@ def _status(plugin, root: Path) -> str:
     return "not prepared"
 
 
+def _acquisition(plugin) -> str:
+    if not plugin.needs_download:
+        return "generated"
+    return "manual (--from)" if plugin.needs_manual_file else "download"
+
+
 def dataset_rows(root: Path) -> list[dict]:
     rows = []
     for name, item in discover_datasets().items():
@@ -40,6 +46,8 @@ def dataset_rows(root: Path) -> list[dict]:
                 "classes": plugin.num_classes,
                 "protocol": f"{plugin.default_init_classes}/{plugin.default_increment}",
                 "status": _status(plugin, root),
+                "acquisition": _acquisition(plugin),
+                "checksum": "/".join(sorted({f.checksum_kind for f in plugin.files})) or "-",
                 "download_bytes": sum(f.size or 0 for f in plugin.files) or None,
                 "prepared_bytes": _folder_size(folder) if plugin.is_prepared(root) else None,
                 "path": str(folder),
@@ -72,17 +80,21 @@ def datasets(
         _common.emit({"data_root": str(root), "datasets": rows})
         return
     table = Table(title=f"Datasets (data root {root})", title_justify="left")
-    for column in ("name", "classes", "init/inc", "status", "download", "on disk", "from"):
+    for column in ("name", "classes", "init/inc", "status", "source", "checksum", "download", "on disk", "from"):
         table.add_column(column)
     for row in rows:
         if row["status"] == "broken":
-            table.add_row(row["name"], "-", "-", f"[red]broken: {row['error']}[/red]", "-", "-", row["distribution"])
+            table.add_row(
+                row["name"], "-", "-", f"[red]broken: {row['error']}[/red]", "-", "-", "-", "-", row["distribution"]
+            )
             continue
         table.add_row(
             row["name"],
             str(row["classes"]),
             row["protocol"],
             row["status"],
+            row["acquisition"],
+            row["checksum"],
             _human(row["download_bytes"]),
             _human(row["prepared_bytes"]),
             row["distribution"],

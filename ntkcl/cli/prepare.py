@@ -5,24 +5,46 @@ from __future__ import annotations
 import typer
 
 from ntkcl.cli import _common
+from ntkcl.data.extract import disk_errors
+from ntkcl.data.prepared import PreparedDataset
 from ntkcl.data.registry import default_data_root, get_dataset
+from ntkcl.errors import BadInputError
 
 
 def prepare(
     name: str = typer.Argument(..., help="Dataset name (see `ntkcl datasets`)."),
     data_root: str | None = _common.DATA_ROOT_OPTION,
     source: str | None = typer.Option(
-        None, "--from", help="A downloaded archive or folder to import instead of downloading."
+        None, "--from", help="A downloaded archive, or a folder holding the archives or the images, to import."
     ),
     force: bool = typer.Option(False, "--force", help="Prepare again even if a valid manifest exists."),
+    keep_downloads: bool = typer.Option(
+        False, "--keep-downloads", help="Keep downloaded archives under DATA_ROOT/.downloads/ after preparing."
+    ),
+    resize_cache: int | None = typer.Option(
+        None,
+        "--resize-cache",
+        min=32,
+        help="Also write copies resized to this shorter side (e.g. 256) that loaders read instead of the originals.",
+    ),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
-    """Prepare a dataset so `ntkcl train --stream NAME` can use it (idempotent)."""
+    """Prepare a dataset so `ntkcl train --stream NAME` can use it (idempotent: a second call only verifies).
+
+    Public archives are downloaded (resumable, checksum-verified); author splits and login-only data are
+    imported with `--from`. Set NTKCL_MIRROR=URL to fetch every file from URL/NAME/FILE instead.
+    """
     _common.set_json(json_output)
     plugin = get_dataset(name)
     root = _common.as_path(data_root) or default_data_root()
     already = plugin.is_prepared(root) and not force
-    manifest = plugin.prepare(root, source=_common.as_path(source), force=force)
+    options = {}
+    if isinstance(plugin, PreparedDataset):
+        options = {"keep_downloads": keep_downloads, "resize_cache": resize_cache}
+    elif source is not None or resize_cache is not None:
+        raise BadInputError(f"dataset {name!r} is generated or bundled: it takes no --from or --resize-cache")
+    with disk_errors(root):
+        manifest = plugin.prepare(root, source=_common.as_path(source), force=force, **options)
     result = {
         "dataset": name,
         "path": str(plugin.dataset_dir(root)),
@@ -36,10 +58,17 @@ def prepare(
         _common.emit(result)
         return
     counts = ", ".join(f"{split} {count}" for split, count in result["splits"].items())
-    verb = "already prepared" if already else "prepared"
+    verb = "already prepared (verified)" if already else "prepared"
     _common.stdout.print(
         f"{name}: {verb} at {result['path']} ({len(manifest.classes)} classes; {counts})", highlight=False
     )
+    for record in manifest.sources:
+        if record.get("verified", "").startswith("unverified"):
+            _common.stdout.print(
+                f"note: {record.get('file', record.get('origin'))} is unverified (no published checksum); "
+                f"sha256 {record.get('sha256', '-')} recorded",
+                highlight=False,
+            )
     _common.stdout.print(f"manifest sha256 {manifest.sha256}", highlight=False)
 
 

@@ -1,0 +1,141 @@
+"""Safe archive extraction and all-or-nothing folder creation.
+
+Every member of a tar or zip archive is checked before anything is written: absolute names, `..`
+components, links whose target leaves the destination, and device or fifo members refuse the whole
+archive. `staged_folder` builds a folder under a hidden temporary name next to its final place and renames
+it into place only when the block completes, so an interrupted prepare never leaves a folder that looks
+ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import shutil
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from ntkcl.errors import BadInputError
+
+STAGING_MARK = ".staging-"
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class UnsafeArchiveError(BadInputError):
+    """An archive member would be written outside the destination."""
+
+
+class DamagedArchiveError(BadInputError):
+    """The archive is truncated or not an archive at all."""
+
+
+def _inside(name: str) -> bool:
+    """True when the archive path `name` stays inside the destination once joined to it."""
+    if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return False
+    normalised = posixpath.normpath(name.replace("\\", "/"))
+    return normalised != ".." and not normalised.startswith("../")
+
+
+def _check_tar_member(member: tarfile.TarInfo, archive: Path) -> None:
+    if not _inside(member.name):
+        raise UnsafeArchiveError(f"{archive.name}: refusing member {member.name!r} (outside the target folder)")
+    if member.issym():
+        target = posixpath.join(posixpath.dirname(member.name), member.linkname)
+        if member.linkname.startswith("/") or not _inside(target):
+            raise UnsafeArchiveError(
+                f"{archive.name}: refusing link {member.name!r} -> {member.linkname!r} (points outside the target folder)"
+            )
+    elif member.islnk():
+        if not _inside(member.linkname):
+            raise UnsafeArchiveError(
+                f"{archive.name}: refusing hard link {member.name!r} -> {member.linkname!r} (points outside the target folder)"
+            )
+    elif not (member.isfile() or member.isdir()):
+        raise UnsafeArchiveError(f"{archive.name}: refusing special member {member.name!r} (device or fifo)")
+
+
+def _zip_is_symlink(info: zipfile.ZipInfo) -> bool:
+    return (info.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def extract_archive(archive: Path, destination: Path) -> None:
+    """Extract a tar (any compression) or zip archive into `destination` after checking every member.
+
+    Raises:
+        UnsafeArchiveError: a member would land outside `destination`; nothing is extracted.
+        DamagedArchiveError: the archive is truncated or unreadable.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle:
+                members = bundle.infolist()
+                for info in members:
+                    if not _inside(info.filename):
+                        raise UnsafeArchiveError(
+                            f"{archive.name}: refusing member {info.filename!r} (outside the target folder)"
+                        )
+                    if _zip_is_symlink(info):
+                        raise UnsafeArchiveError(f"{archive.name}: refusing symbolic link member {info.filename!r}")
+                bundle.extractall(destination)
+            return
+        if not tarfile.is_tarfile(archive):
+            raise DamagedArchiveError(f"{archive} is not a tar or zip archive (or is truncated)")
+        with tarfile.open(archive) as bundle:
+            members = bundle.getmembers()
+            for member in members:
+                _check_tar_member(member, archive)
+            bundle.extractall(destination, members=members, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise DamagedArchiveError(f"{archive} is damaged or truncated ({error})") from error
+
+
+def clean_stale_staging(folder: Path) -> None:
+    """Remove staging folders that an interrupted earlier prepare of `folder` left behind."""
+    if folder.parent.is_dir():
+        for stale in folder.parent.glob(f".{folder.name}{STAGING_MARK}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces `folder` when the block succeeds.
+
+    On any exception the temporary folder is deleted and `folder` is left as it was. An existing `folder` is
+    replaced only after the new one is complete.
+    """
+    clean_stale_staging(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}{STAGING_MARK}{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        if folder.exists():
+            retired = folder.parent / f".{folder.name}{STAGING_MARK}old-{os.getpid()}"
+            os.replace(folder, retired)
+            os.replace(staging, folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def disk_errors(root: Path) -> Iterator[None]:
+    """Turn "disk full" and "not writable" errors under `root` into a one-line BadInputError."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        reason = "no space left on the device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "not writable"
+        where = error.filename or root
+        raise BadInputError(f"data root {root}: {reason} ({where}); nothing was left half-written") from error
