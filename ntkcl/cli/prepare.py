@@ -54,6 +54,13 @@ def prepare(
         "manifest_sha256": manifest.sha256,
         "sources": manifest.sources,
     }
+    for record in manifest.sources:
+        if not already and record.get("verified", "").startswith("unverified"):
+            _common.stderr.print(
+                f"warning: {record.get('origin')} could not be verified (no checksum is published); "
+                f"its sha256 {record.get('sha256', '-')} is recorded in the manifest",
+                highlight=False,
+            )
     if json_output:
         _common.emit(result)
         return
@@ -62,13 +69,6 @@ def prepare(
     _common.stdout.print(
         f"{name}: {verb} at {result['path']} ({len(manifest.classes)} classes; {counts})", highlight=False
     )
-    for record in manifest.sources:
-        if record.get("verified", "").startswith("unverified"):
-            _common.stdout.print(
-                f"note: {record.get('file', record.get('origin'))} is unverified (no published checksum); "
-                f"sha256 {record.get('sha256', '-')} recorded",
-                highlight=False,
-            )
     _common.stdout.print(f"manifest sha256 {manifest.sha256}", highlight=False)
 
 

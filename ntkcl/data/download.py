@@ -96,7 +96,8 @@ class _Progress:
 
     def __init__(self, label: str, total: int | None, done: int):
         self.label, self.total, self.done = label, total, done
-        self.started, self.start_bytes, self.last_line = time.monotonic(), done, 0.0
+        self.started = self.last_line = time.monotonic()
+        self.start_bytes = done
         self.bar = None
         if sys.stderr.isatty():
             from rich.console import Console

@@ -23,7 +23,7 @@ from pathlib import Path
 from ntkcl.errors import BadInputError
 
 STAGING_MARK = ".staging-"
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
 
 class UnsafeArchiveError(BadInputError):
@@ -136,6 +136,8 @@ def disk_errors(root: Path) -> Iterator[None]:
     except OSError as error:
         if error.errno not in DISK_ERRNOS:
             raise
-        reason = "no space left on the device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "not writable"
+        reason = (
+            "no space left on the device" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "not a writable folder"
+        )
         where = error.filename or root
         raise BadInputError(f"data root {root}: {reason} ({where}); nothing was left half-written") from error

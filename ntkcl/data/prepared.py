@@ -18,8 +18,8 @@ Downloads go to `<root>/.downloads/<name>/` and are deleted after a successful p
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,6 @@ class Layout:
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _warn(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
 
 
 class PreparedDataset(DatasetPlugin):
@@ -104,6 +100,7 @@ class PreparedDataset(DatasetPlugin):
         root = Path(root)
         folder = self.dataset_dir(root)
         with disk_errors(root):
+            root.mkdir(parents=True, exist_ok=True)
             if self.is_prepared(root) and not force:
                 manifest = self.verify_prepared(root)
             else:
@@ -115,6 +112,8 @@ class PreparedDataset(DatasetPlugin):
                     )
                 if downloaded is not None and not keep_downloads:
                     shutil.rmtree(downloaded, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        downloaded.parent.rmdir()  # only when no other dataset's downloads are kept there
                 manifest = read_manifest(folder)
             if resize_cache:
                 write_resize_cache(folder, manifest, resize_cache)
@@ -168,11 +167,6 @@ class PreparedDataset(DatasetPlugin):
         problem = mismatch(remote, digests)
         if problem:
             raise BadInputError(f"{path} failed verification as {remote.name} ({problem}); nothing was prepared")
-        if remote.checksum_kind == "none":
-            _warn(
-                f"{path} could not be verified (no checksum is published for {remote.name}); "
-                f"recorded its sha256 {digests.sha256} in the manifest"
-            )
         return verification_record(remote, digests, str(path))
 
     def _from_file(self, path: Path) -> Inputs:
@@ -214,7 +208,6 @@ class PreparedDataset(DatasetPlugin):
                 inputs.records.append(self._verify_local(remote, present[remote.name]))
             return inputs
         if self.accepts_image_folder:
-            _warn(f"importing the image folder {directory} as is: it cannot be verified against a checksum")
             return Inputs(
                 folder=directory, records=[{"origin": str(directory), "verified": "unverified (folder import)"}]
             )
