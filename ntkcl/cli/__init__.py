@@ -41,9 +41,9 @@ def _root(
 
 
 def _register() -> None:
-    from ntkcl.cli import datasets, evaluate, prepare, train
+    from ntkcl.cli import datasets, evaluate, export, prepare, train
 
-    for module in (datasets, prepare, train, evaluate):
+    for module in (datasets, prepare, train, evaluate, export):
         module.register(app)
 
 

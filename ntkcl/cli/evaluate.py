@@ -1,4 +1,4 @@
-"""`ntkcl eval PATH`: recompute the accuracy matrix of a run from its checkpoints."""
+"""`ntkcl eval PATH_OR_REPO_ID`: recompute a run's accuracy matrix, or score an export on a stream."""
 
 from __future__ import annotations
 
@@ -8,23 +8,74 @@ import typer
 
 from ntkcl.cli import _common
 from ntkcl.engine.progress import Reporter
+from ntkcl.errors import BadInputError
+
+
+def _print_export_result(result: dict) -> None:
+    tasks = "  ".join(
+        f"T{i} {value:.2f}" if value is not None else f"T{i} -" for i, value in enumerate(result["task_accuracy"])
+    )
+    _common.stdout.print(
+        f"{result['source']}: {result['method']} after {result['finished_tasks']}/{result['num_tasks']} tasks "
+        f"on {result['dataset']}",
+        highlight=False,
+    )
+    _common.stdout.print(f"per-task accuracy (%): {tasks}", highlight=False)
+    _common.stdout.print(f"A_T {result['final_accuracy']:.2f}", highlight=False)
+    if result["matches_export"]:
+        _common.stdout.print("identical to the accuracy recorded in the export", highlight=False)
 
 
 def evaluate(
-    path: str = typer.Argument(..., help="A run directory."),
+    path: str = typer.Argument(..., help="A run directory, an export folder, or a Hub repo id (user/name)."),
+    stream: str | None = typer.Option(
+        None,
+        "--stream",
+        "-s",
+        help="Exports only: score on another prepared dataset with the same classes (default: the export's).",
+    ),
+    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit of a repo id."),
+    weights: Path | None = typer.Option(None, "--weights", help="Local base backbone weights (offline use)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (exports)."),
     data_root: str | None = _common.DATA_ROOT_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
-    """Reload every task's checkpoint and recompute R[t][i], A_T, mean incremental accuracy, forgetting."""
-    _common.set_json(json_output)
-    from ntkcl.engine.evaluate import evaluate_run
+    """Score a run or an export.
 
-    result = evaluate_run(Path(path), _common.as_path(data_root), Reporter(enabled=not quiet))
+    A run directory: reload every task's checkpoint and recompute R[t][i], A_T, mean incremental accuracy and
+    forgetting. An export folder or Hub repo: rebuild the model (base backbone from timm or --weights, sha256
+    checked) and report its accuracy on each task's test classes and A_T; the stream must be prepared.
+    """
+    _common.set_json(json_output)
+    from ntkcl.engine import rundir
+
+    local = Path(path).expanduser()
+    if (local / rundir.RUN_FILE).is_file():
+        if stream is not None or revision is not None or weights is not None:
+            raise BadInputError(
+                "--stream, --revision and --weights apply to exports; a run is scored on its own stream"
+            )
+        _evaluate_run(local, data_root, quiet, json_output)
+        return
+    from ntkcl.export import evaluate_pretrained, load_pretrained
+
+    model = load_pretrained(path, revision=revision, weights=weights, device=device)
+    result = evaluate_pretrained(model, stream, _common.as_path(data_root))
     if json_output:
         _common.emit(result)
         return
-    _common.print_metrics(result["metrics"], title=f"{Path(path).name}: accuracy (%) recomputed from checkpoints")
+    _print_export_result(result)
+
+
+def _evaluate_run(path: Path, data_root: str | None, quiet: bool, json_output: bool) -> None:
+    from ntkcl.engine.evaluate import evaluate_run
+
+    result = evaluate_run(path, _common.as_path(data_root), Reporter(enabled=not quiet))
+    if json_output:
+        _common.emit(result)
+        return
+    _common.print_metrics(result["metrics"], title=f"{path.name}: accuracy (%) recomputed from checkpoints")
     verdict = "identical to" if result["matches_training"] else "DIFFERENT from"
     _common.stdout.print(f"recomputed matrix is {verdict} the one training reported", highlight=False)
 

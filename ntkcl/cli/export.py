@@ -1,0 +1,98 @@
+"""`ntkcl export [RUN_DIR]`: a run as a PEFT-style folder (safetensors + config + model card), optionally on the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ntkcl.cli import _common
+from ntkcl.errors import BadInputError
+
+
+def export(
+    run_dir: Path | None = typer.Argument(None, help="Run directory (default: the most recent run under ./runs)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Export folder (default exports/<run name>)."),
+    hub: bool = typer.Option(False, "--hub", help="Also push the folder to the Hugging Face Hub."),
+    repo_id: str | None = typer.Option(None, "--repo-id", help="Hub repo (default <user>/ntkcl-<stream>-<method>)."),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub branch to push to (created if missing)."),
+    token: str | None = typer.Option(
+        None, "--token", help="Hub token (default: HF_TOKEN, then the saved login; prefer those to this flag)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a README.md that was edited on the Hub."),
+    license_id: str = typer.Option("other", "--license", help="Licence id for the model card's front matter."),
+    json_output: bool = _common.JSON_OPTION,
+) -> None:
+    """Export the learned state of a run: adapter_model.safetensors, adapter_config.json, README.md, metrics.json.
+
+    A run that has not finished every task is exported as far as its finished tasks go: the output, the
+    config (`"finished": false`, `finished_tasks`, `num_tasks`) and the model card say so. A run with no
+    finished task is an error (exit 2). With --hub the folder is written first; a failed push leaves it intact.
+    """
+    _common.set_json(json_output)
+    from ntkcl import export as exporting
+    from ntkcl.engine import rundir
+
+    if not hub and (repo_id or private or revision or token or force):
+        raise BadInputError("--repo-id, --private, --revision, --token and --force only apply with --hub")
+    source = rundir.check_run_dir(run_dir) if run_dir is not None else rundir.latest_run(Path("runs"))
+    if hub:
+        from ntkcl.config import load_config
+        from ntkcl.hub import check_can_push, resolve_repo_id
+
+        token = check_can_push(token)
+        settings = load_config(source / rundir.CONFIG_FILE)
+        repo_id = resolve_repo_id(repo_id, token, settings.stream.dataset, settings.method.name)
+    destination = out if out is not None else Path("exports") / source.name
+    result = exporting.export_run(source, destination, license_id, repo_id)
+    document = result.config
+    summary = {
+        "run_dir": str(source),
+        "export_dir": str(result.folder),
+        "files": result.files,
+        "finished": result.finished,
+        "finished_tasks": document["finished_tasks"],
+        "num_tasks": document["num_tasks"],
+    }
+    if not result.finished:
+        _common.stderr.print(
+            f"warning: {source.name} has finished {document['finished_tasks']} of {document['num_tasks']} tasks; "
+            "exported those (marked partial in the config and card)",
+            highlight=False,
+        )
+    if not json_output:
+        for name, size in result.files.items():
+            _common.stdout.print(f"{size:>12,d}  {result.folder / name}", highlight=False)
+    if hub:
+        from ntkcl.errors import RunFailedError
+        from ntkcl.hub import push_export
+
+        try:
+            pushed = push_export(
+                result.folder, document, repo_id, private=private, revision=revision, token=token, force=force
+            )
+        except (BadInputError, RunFailedError) as error:
+            raise type(error)(f"{error} (the local export in {result.folder} is complete)") from error
+        summary["hub"] = {
+            "repo_id": pushed.repo_id,
+            "url": pushed.url,
+            "commit": pushed.commit,
+            "revision": pushed.revision,
+            "private": pushed.private,
+            "uploaded": pushed.uploaded,
+            "readme": pushed.readme,
+        }
+        if not json_output:
+            _common.stdout.print(f"pushed to {pushed.url} ({pushed.commit})", highlight=False)
+        if pushed.readme == "kept":
+            _common.stderr.print(
+                "kept the README.md edited on the Hub; pass --force to replace it with the generated card",
+                highlight=False,
+            )
+    if json_output:
+        _common.emit(summary)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
