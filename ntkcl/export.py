@@ -130,9 +130,9 @@ def recorded_command(record: dict, config: RunConfig) -> str:
     if not config.backbone.pretrained:
         flags.append("--no-pretrained")
     flags += ["--init-classes", str(config.stream.init_classes), "--increment", str(config.stream.increment)]
-    flags += ["--epochs", str(config.optim.epochs), "--lr", str(config.optim.lr)]
-    flags += ["--batch-size", str(config.optim.batch_size), "--seed", str(config.runtime.seed)]
+    flags += ["--seed", str(config.runtime.seed)]
     settings = {
+        **{f"optim.{k}": v for k, v in config.optim.model_dump(mode="json").items()},
         "stream.class_order_seed": config.stream.class_order_seed,
         "stream.augment": config.stream.augment,
         "backbone.init_seed": config.backbone.init_seed,
