@@ -41,11 +41,11 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
-    """Score a run or an export.
+    """Score a run directory, an export folder or a Hub repo.
 
-    A run directory: reload every task's checkpoint and recompute R[t][i], A_T, mean incremental accuracy and
-    forgetting. An export folder or Hub repo: rebuild the model (base backbone from timm or --weights, sha256
-    checked) and report its accuracy on each task's test classes and A_T; the stream must be prepared.
+    A run directory: reload every task's checkpoint and recompute the accuracy matrix, A_T, mean incremental accuracy and forgetting.
+
+    An export folder or Hub repo id: rebuild the model (base backbone from timm or --weights, its sha256 checked) and report its accuracy on the test classes of each exported task and A_T. The stream must be prepared; --stream scores it on another prepared dataset with the same classes.
     """
     _common.set_json(json_output)
     from ntkcl.engine import rundir

@@ -26,9 +26,9 @@ def export(
 ) -> None:
     """Export the learned state of a run: adapter_model.safetensors, adapter_config.json, README.md, metrics.json.
 
-    A run that has not finished every task is exported as far as its finished tasks go: the output, the
-    config (`"finished": false`, `finished_tasks`, `num_tasks`) and the model card say so. A run with no
-    finished task is an error (exit 2). With --hub the folder is written first; a failed push leaves it intact.
+    A run that has not finished every task is exported as far as its finished tasks go; the output, the config (`"finished": false`, `finished_tasks`, `num_tasks`) and the model card say so. A run with no finished task is an error (exit 2).
+
+    With --hub the folder is written first, then pushed in one commit; a failed push leaves it intact. The token comes from --token, else HF_TOKEN, else the saved login.
     """
     _common.set_json(json_output)
     from ntkcl import export as exporting
