@@ -390,14 +390,18 @@ def export_run(run_dir: Path, out: Path, license_id: str = "other", repo_id: str
     except OSError as error:
         raise BadInputError(f"cannot write the export to {out}: {error.strerror or error}") from error
     tensors = {key: value.contiguous() for key, value in sorted(state.items())}
-    (temporary / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file(tensors, temporary / WEIGHTS_NAME, metadata={"format": "pt"})
-    shutil.copymode(temporary / CONFIG_NAME, temporary / WEIGHTS_NAME)  # safetensors writes owner-only files
-    (temporary / METRICS_NAME).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (temporary / CARD_NAME).write_text(render_card(document, metrics, license_id, repo_id), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(temporary, out)
+    try:
+        (temporary / CONFIG_NAME).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(tensors, temporary / WEIGHTS_NAME, metadata={"format": "pt"})
+        shutil.copymode(temporary / CONFIG_NAME, temporary / WEIGHTS_NAME)  # safetensors writes owner-only files
+        (temporary / METRICS_NAME).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (temporary / CARD_NAME).write_text(render_card(document, metrics, license_id, repo_id), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(temporary, out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     return ExportResult(out, document, {name: (out / name).stat().st_size for name in EXPORT_FILES})
 
 
