@@ -18,7 +18,8 @@ DATA_ROOT_OPTION = typer.Option(
     None, "--data-root", envvar="NTKCL_DATA_ROOT", help="Where datasets live (default ~/.cache/ntkcl/data)."
 )
 
-stdout = Console(soft_wrap=True)
+# Off a terminal (pipes, CI logs) tables keep their natural width instead of wrapping at 80 columns.
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
