@@ -60,7 +60,7 @@ class BackboneConfig(_Section):
 class MethodConfig(_Section):
     """The method's entry-point name and its hyper-parameters (validated by the method's own model)."""
 
-    name: str = "simplecil"
+    name: str = "ntk-cl"
     params: dict[str, Any] = Field(default_factory=dict)
 
 

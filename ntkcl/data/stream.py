@@ -65,6 +65,7 @@ class ClassIncrementalStream:
     order: list[int]
     sizes: list[int]
     class_names: list[str]
+    increment: int | None = None
 
     @classmethod
     def build(
@@ -89,14 +90,14 @@ class ClassIncrementalStream:
             copy = samples.subset(np.arange(len(samples)))
             copy.labels = stream_label[samples.labels]
             relabelled.append(copy)
-        return cls(relabelled[0], relabelled[1], order, sizes, [names[c] for c in order])
+        return cls(relabelled[0], relabelled[1], order, sizes, [names[c] for c in order], increment)
 
     @property
     def num_tasks(self) -> int:
         return len(self.sizes)
 
     def task(self, index: int) -> TaskInfo:
-        return TaskInfo(index, self.num_tasks, sum(self.sizes[:index]), self.sizes[index])
+        return TaskInfo(index, self.num_tasks, sum(self.sizes[:index]), self.sizes[index], self.increment)
 
     def tasks(self) -> list[TaskInfo]:
         return [self.task(i) for i in range(self.num_tasks)]

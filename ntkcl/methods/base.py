@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ntkcl.errors import BadInputError
 from ntkcl.models.backbone import Backbone
 
 
@@ -35,6 +36,7 @@ class TaskInfo:
     num_tasks: int
     known_classes: int
     num_new_classes: int
+    increment: int | None = None  # the stream's configured increment (None: this task's size)
 
     @property
     def classes(self) -> range:
@@ -177,12 +179,12 @@ class ContinualMethod(nn.Module, ABC):
         expected = set(self.learned_state())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
-            raise ValueError(
+            raise BadInputError(
                 f"saved state does not fit {self.name}: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
         own = self.state_dict()
         for key, value in state.items():
             if own[key].shape != value.shape:
-                raise ValueError(f"saved {key} has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
+                raise BadInputError(f"saved {key} has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
         self.load_state_dict(state, strict=False)
