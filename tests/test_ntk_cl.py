@@ -280,3 +280,25 @@ def test_ntk_cl_forgets_less_than_finetune_on_digits(cli, data_root, tmp_path):
         assert result.code == 0, result.err
         forgetting[method] = result.json()["metrics"]["forgetting"]
     assert forgetting["ntk-cl"] < forgetting["finetune"]
+
+
+@pytest.mark.parametrize("use_init_ptm", [False, True])
+def test_batched_branch_passes_equal_the_sequential_ones(use_init_ptm):
+    fast = tiny_method(use_init_ptm=use_init_ptm).eval()
+    sequential = tiny_method(use_init_ptm=use_init_ptm, execution="sequential").eval()
+    with torch.no_grad():
+        for parameter in fast.current.parameters():
+            parameter.normal_(std=0.1)
+        fast.average_copies(0)
+        for parameter in fast.current.parameters():
+            parameter.normal_(std=0.1)
+    sequential.load_state_dict(fast.state_dict())
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        batched = fast.features(images)
+    with torch.enable_grad():
+        training_path = fast.features(images)
+    reference = sequential.features(images)
+    for mine, theirs, grad_path in zip(batched, reference, training_path):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad_path, theirs, rtol=1e-4, atol=1e-5)

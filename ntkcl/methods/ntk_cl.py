@@ -178,26 +178,43 @@ class NTKCL(ContinualMethod):
         )
 
     # ----------------------------------------------------------------------------------------- features
-    def _channel_pass(self, images: torch.Tensor, copy_: nn.ModuleDict) -> torch.Tensor:
-        return self.backbone(images, adapter_block_forward(copy_["channel"]))
+    def _channel_pass(self, images: torch.Tensor, *copies: nn.ModuleDict | None) -> list[torch.Tensor]:
+        """One backbone pass over `len(copies)` stacked copies of the batch; None = the plain model."""
+        sets = [None if copy_ is None else copy_["channel"] for copy_ in copies]
+        batch = images if len(copies) == 1 else images.repeat(len(copies), 1, 1, 1)
+        return list(self.backbone(batch, adapter_block_forward(*sets)).chunk(len(copies)))
 
-    def _patch_pass(self, images: torch.Tensor, copy_: nn.ModuleDict) -> torch.Tensor:
+    def _patch_pass(self, images: torch.Tensor, *copies: nn.ModuleDict) -> list[torch.Tensor]:
         prefix, prompts = self.backbone.num_prefix_tokens, self.params.num_prompts
-        block_forward = prompt_block_forward(copy_["patch"], prefix, prompts, self.params.prompt_carry)
-        tokens = self.backbone.embed(images)
+        sets = [copy_["patch"] for copy_ in copies]
+        block_forward = prompt_block_forward(sets, prefix, prompts, self.params.prompt_carry)
+        tokens = self.backbone.embed(images if len(copies) == 1 else images.repeat(len(copies), 1, 1, 1))
         for index, block in enumerate(self.backbone.blocks):
             tokens = block_forward(index, block, tokens)
-        return self.backbone.pool(drop_prompts(tokens, prefix, prompts))
+        return list(self.backbone.pool(drop_prompts(tokens, prefix, prompts)).chunk(len(copies)))
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(c, p, m): channel and patch features ([ptm ‖] averaged ‖ current) and their fusion."""
-        frozen_without_grad = self.params.execution == "fast"
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_without_grad):
-            c_avg = self._channel_pass(images, self.averaged)
-            p_avg = self._patch_pass(images, self.averaged)
-            plain = [self.backbone(images)] if self.params.use_init_ptm else []
-        c_cur = self._channel_pass(images, self.current)
-        p_cur = self._patch_pass(images, self.current)
+        """(c, p, m): channel and patch features ([plain ‖] averaged ‖ current) and their fusion.
+
+        "sequential" runs the 4-5 passes one after another with autograd, as the reference does. "fast"
+        computes the same features: frozen passes without autograd, and branches that share the frozen
+        backbone stacked into one batch (all of them when nothing needs gradients).
+        """
+        use_plain = self.params.use_init_ptm
+        plain_copy = [None] if use_plain else []
+        if self.params.execution == "sequential":
+            (c_avg,), (c_cur,) = self._channel_pass(images, self.averaged), self._channel_pass(images, self.current)
+            (p_avg,), (p_cur,) = self._patch_pass(images, self.averaged), self._patch_pass(images, self.current)
+            plain = self._channel_pass(images, None) if use_plain else []
+        elif torch.is_grad_enabled():
+            with torch.no_grad():
+                c_avg, *plain = self._channel_pass(images, self.averaged, *plain_copy)
+                (p_avg,) = self._patch_pass(images, self.averaged)
+            (c_cur,) = self._channel_pass(images, self.current)
+            (p_cur,) = self._patch_pass(images, self.current)
+        else:
+            c_avg, c_cur, *plain = self._channel_pass(images, self.averaged, self.current, *plain_copy)
+            p_avg, p_cur = self._patch_pass(images, self.averaged, self.current)
         channel = torch.cat([*plain, c_avg, c_cur], dim=1)
         patch = torch.cat([*plain, p_avg, p_cur], dim=1)
         return channel, patch, self.fusion(channel, patch)

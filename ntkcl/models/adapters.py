@@ -50,11 +50,20 @@ def mlp_residual(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))
 
 
-def adapter_block_forward(adapters: nn.ModuleList) -> BlockForward:
-    """A block forward that adds `adapters[index](h)` in parallel to the MLP of every block."""
+def adapter_block_forward(*adapter_sets: nn.ModuleList | None) -> BlockForward:
+    """A block forward that adds `adapters[index](h)` in parallel to the MLP of every block.
+
+    With several sets, the batch is read as equal consecutive chunks, chunk k using set k (None: no adapter),
+    so branches that share the frozen backbone run as one batched pass.
+    """
 
     def forward(index: int, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         hidden = attention_residual(block, tokens)
-        return mlp_residual(block, hidden) + adapters[index](hidden)
+        chunks = hidden.chunk(len(adapter_sets))
+        added = [
+            torch.zeros_like(chunk) if adapters is None else adapters[index](chunk)
+            for adapters, chunk in zip(adapter_sets, chunks, strict=True)
+        ]
+        return mlp_residual(block, hidden) + (added[0] if len(added) == 1 else torch.cat(added))
 
     return forward

@@ -37,9 +37,12 @@ class PromptGenerator(nn.Module):
 
 
 def prompt_block_forward(
-    generators: nn.ModuleList, num_prefix_tokens: int, num_prompts: int, carry: float = 0.1
+    generator_sets: list[nn.ModuleList], num_prefix_tokens: int, num_prompts: int, carry: float = 0.1
 ) -> BlockForward:
-    """A block forward that inserts generated prompts after the prefix tokens (see module docstring)."""
+    """A block forward that inserts generated prompts after the prefix tokens (see module docstring).
+
+    With several generator sets the batch is read as equal consecutive chunks, chunk k using set k.
+    """
 
     def forward(index: int, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         hidden = attention_residual(block, tokens)
@@ -51,7 +54,10 @@ def prompt_block_forward(
         else:
             previous = hidden.new_zeros(hidden.shape[0], num_prompts, hidden.shape[2])
             patches = hidden[:, num_prefix_tokens:]
-        prompts = generators[index](torch.cat([prefix, patches], dim=1))
+        plain_tokens = torch.cat([prefix, patches], dim=1).chunk(len(generator_sets))
+        prompts = torch.cat(
+            [generators[index](chunk) for generators, chunk in zip(generator_sets, plain_tokens, strict=True)]
+        )
         if has_prompts:
             prompts = prompts + carry * previous
         inserted = torch.cat([prefix, prompts, patches], dim=1)
