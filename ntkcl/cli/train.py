@@ -44,6 +44,31 @@ def _flag_overrides(**flags) -> dict:
     return overrides
 
 
+def parse_gpus(text: str) -> list[int]:
+    """`0,1` -> [0, 1]; `all` -> every visible GPU. Host checks (presence, duplicates) come with the launch plan."""
+    from ntkcl.engine.launch import all_gpus
+
+    if text.strip().lower() == "all":
+        return all_gpus()
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise BadInputError(f"--gpus expects comma-separated GPU indices (0,1) or 'all', got {text!r}")
+    return [int(part) for part in parts]
+
+
+def _process_overrides(gpus: str | None, nproc: int | None) -> dict:
+    """`--gpus` sets one process per listed GPU; `--nproc` alone clears a GPU list saved by an earlier session."""
+    if nproc is not None and nproc < 1:
+        raise BadInputError(f"--nproc must be at least 1, got {nproc}")
+    runtime: dict = {}
+    if gpus is not None:
+        runtime["gpus"] = parse_gpus(gpus)
+        runtime["nproc"] = nproc if nproc is not None else len(runtime["gpus"])
+    elif nproc is not None:
+        runtime.update(gpus=None, nproc=nproc)
+    return runtime
+
+
 def train(
     stream: str | None = typer.Option(None, "--stream", "-s", help="Dataset / stream name (see `ntkcl datasets`)."),
     method: str | None = typer.Option(None, "--method", "-m", help="Method name (default ntk-cl)."),
@@ -62,6 +87,12 @@ def train(
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str | None = typer.Option(None, "--precision", help="auto (bf16 on GPU), fp32 or bf16."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per process."),
+    gpus: str | None = typer.Option(
+        None, "--gpus", help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun."
+    ),
+    nproc: int | None = typer.Option(
+        None, "--nproc", help="Processes on this host: gloo on CPU, or one GPU each. The batch size stays global."
+    ),
     data_root: str | None = _common.DATA_ROOT_OPTION,
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Folder that receives the run directory."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue RUN_DIR after its last finished task."),
@@ -70,12 +101,13 @@ def train(
 ) -> None:
     """Train a class-incremental run; writes runs/<stream>-<method>-<stamp>/ and prints the accuracy table."""
     _common.set_json(json_output)
+    processes = _process_overrides(gpus, nproc)
     if resume is not None:
         run_dir = rundir.check_run_dir(resume)
         if any(v is not None for v in (stream, method, backbone, config_file)) or assignments:
             raise BadInputError("--resume continues a run with its saved config; drop the other config options")
         config = load_config(run_dir / rundir.CONFIG_FILE)
-        runtime = _flag_overrides(device=device, num_workers=num_workers).get("runtime", {})
+        runtime = {**_flag_overrides(device=device, num_workers=num_workers).get("runtime", {}), **processes}
         config = RunConfig.model_validate(deep_merge(config.model_dump(mode="json"), {"runtime": runtime}))
     else:
         run_dir = None
@@ -99,15 +131,18 @@ def train(
         )
         for assignment in assignments:
             overrides = deep_merge(overrides, parse_assignment(assignment))
+        overrides = deep_merge(overrides, {"runtime": processes})
         config = complete_config(resolve_config(config_file, overrides))
     reporter = Reporter(enabled=not quiet)
-    from ntkcl.engine.loop import run_training
+    from ntkcl.engine.launch import launch
 
     try:
-        result = run_training(config, out, run_dir, reporter)
+        result = launch(config, out, run_dir, reporter)
     except KeyboardInterrupt:
         where = reporter.run_dir or "the run directory"
         _common.fail(f"interrupted; finished tasks are saved; continue with `ntkcl train --resume {where}`", 130)
+    if not result.main_process:  # under torchrun, rank 0 alone prints the result
+        return
     metrics = result.metrics
     if json_output:
         _common.emit({"run_dir": str(result.run_dir), "metrics": metrics})

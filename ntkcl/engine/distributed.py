@@ -3,15 +3,37 @@
 A process joins a group when the launcher (torchrun or `ntkcl train --gpus/--nproc`) has set RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; otherwise it runs alone with world size 1 and every
 collective below is a no-op. NCCL is used on GPUs and gloo on CPU (which is how the tests run it).
+
+Every collective of the group times out (`NTKCL_DIST_TIMEOUT` seconds, default 1800) instead of waiting
+forever for a process that died, so a failure on one rank cannot leave the others hanging.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+TIMEOUT_ENV = "NTKCL_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def group_timeout() -> timedelta:
+    """How long a collective may wait for the other ranks before it fails."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = DEFAULT_TIMEOUT_S
+    return timedelta(seconds=max(seconds, 1.0))
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a rank of a group that an outside launcher (torchrun, srun wrappers) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 @dataclass
@@ -69,7 +91,7 @@ def init_distributed(requested_device: str = "auto", gpus: list[int] | None = No
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=group_timeout())
     return DistributedContext(rank, world_size, local_rank, device)
 
 

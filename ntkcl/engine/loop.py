@@ -9,6 +9,7 @@ continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import sys
@@ -40,10 +41,13 @@ from ntkcl.methods.base import ContinualMethod, TaskInfo
 
 @dataclass
 class RunResult:
+    """What a run hands back; only rank 0's carries the metrics (`main_process`)."""
+
     run_dir: Path
     matrix: AccuracyMatrix
     metrics: dict
     finished: bool
+    main_process: bool = True
 
 
 def derived_seed(*keys: int) -> int:
@@ -73,8 +77,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimConfig):
 def per_process_batch(batch_size: int, world_size: int) -> int:
     """The global batch size stays the configured one: each of N processes takes batch_size / N."""
     if batch_size % world_size:
-        raise BadInputError(f"batch_size={batch_size} is not divisible by the {world_size} processes")
+        raise BadInputError(f"the global batch size {batch_size} is not divisible by the {world_size} processes")
     return batch_size // world_size
+
+
+@dataclass(frozen=True)
+class ShardedBatches:
+    """Which images of each step are real under DistributedSampler(shuffle, drop_last=False).
+
+    The sampler pads the shuffled indices to a multiple of the world size by repeating the first ones, and
+    rank r takes padded positions r, r + W, r + 2W, ... Batch `step` of every rank together is then exactly
+    positions [step * B, (step + 1) * B) of the padded order, the single-process batch, plus the padding
+    that falls in the last step. Dropping that padding and weighting each rank's mean loss by its share of
+    the real images makes DDP's gradient average the single-process batch mean, for any number of processes.
+    """
+
+    size: int  # images of the task
+    batch_size: int  # global
+    world_size: int
+    rank: int
+
+    def real_on_rank(self, step: int) -> int:
+        """Real (non-padding) images at the front of this rank's batch `step`."""
+        per_process = self.batch_size // self.world_size
+        owned = (self.size - self.rank + self.world_size - 1) // self.world_size
+        return max(0, min((step + 1) * per_process, owned) - step * per_process)
+
+    def real_in_step(self, step: int) -> int:
+        return min(self.batch_size, self.size - step * self.batch_size)
+
+    def loss_weight(self, step: int) -> float:
+        """Factor on this rank's mean loss so that DDP's average over ranks is the mean over the step's images."""
+        return self.world_size * self.real_on_rank(step) / self.real_in_step(step)
 
 
 def start_run(config: RunConfig, out: Path, ctx: DistributedContext) -> Path:
@@ -120,6 +154,8 @@ class Trainer:
         self.reporter = reporter if ctx.is_main else Reporter(enabled=False)
         self.stream, manifest = build_stream(config, ctx)
         self.backbone = build_backbone(config).to(ctx.device)
+        # The method's initial weights depend on the run seed alone, not on what the process did before.
+        seed_everything(derived_seed(config.runtime.seed))
         self.method: ContinualMethod = build_method(config, self.backbone).to(ctx.device)
         if ctx.enabled and not self.method.supports_distributed:
             raise BadInputError(f"method {self.method.name} does not support distributed training; use one process")
@@ -165,7 +201,7 @@ class Trainer:
                 extra={"wall_time_s_last_session": time.perf_counter() - started},
             )
         ctx.barrier()
-        return RunResult(self.run_dir, matrix, metrics, finished=True)
+        return RunResult(self.run_dir, matrix, metrics, finished=True, main_process=ctx.is_main)
 
     def _run_task(self, task: TaskInfo) -> list[tuple[int, int]]:
         ctx, config = self.ctx, self.config
@@ -250,6 +286,7 @@ class Trainer:
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             model = DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
+        shards = ShardedBatches(len(dataset), config.optim.batch_size, ctx.world_size, ctx.rank)
         optimizer = build_optimizer(method.parameter_groups(), config.optim)
         scheduler = build_scheduler(optimizer, config.optim)
         history = []
@@ -258,26 +295,26 @@ class Trainer:
             sampler.set_epoch(epoch)
             learning_rate = optimizer.param_groups[0]["lr"]
             totals: dict[str, torch.Tensor] = {}
-            batches = 0
             label = f"task {task.index + 1}/{task.num_tasks} epoch {epoch + 1}/{config.optim.epochs}"
             self.reporter.start_epoch(label, len(loader))
-            for images, labels in loader:
-                images = images.to(ctx.device, non_blocking=True)
-                labels = labels.to(ctx.device, non_blocking=True)
+            for step, (images, labels) in enumerate(loader):
+                real = shards.real_on_rank(step)
+                # A rank whose batch is all padding still takes part in DDP's all-reduce, with weight 0.
+                keep = max(real, 1)
+                images = images[:keep].to(ctx.device, non_blocking=True)
+                labels = labels[:keep].to(ctx.device, non_blocking=True)
                 with autocast_for(ctx.device, config.runtime.precision):
                     loss, logs = model(images, labels)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * shards.loss_weight(step)).backward()
                 optimizer.step()
                 for key, value in {"loss": loss.detach(), **logs}.items():
-                    totals[key] = totals.get(key, 0.0) + value.detach().float()
-                batches += 1
-                self.reporter.advance(len(labels))
+                    value = value.detach().float() * real if real else torch.zeros((), device=ctx.device)
+                    totals[key] = totals.get(key, 0.0) + value
+                self.reporter.advance(shards.real_in_step(step))
             scheduler.step()
-            means = {
-                key: (ctx.all_reduce_sum(value.clone()) / (batches * ctx.world_size)).item()
-                for key, value in totals.items()
-            }
+            # Image-weighted epoch means: the same numbers for any number of processes.
+            means = {key: (ctx.all_reduce_sum(value.clone()) / len(dataset)).item() for key, value in totals.items()}
             if not math.isfinite(means["loss"]):
                 raise RunFailedError(f"the loss became {means['loss']} in task {task.index} epoch {epoch}")
             summary = ", ".join(f"{key} {value:.4f}" for key, value in sorted(means.items()))
@@ -290,14 +327,25 @@ class Trainer:
 
 
 def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter: Reporter) -> RunResult:
-    """Train a new run under `out`, or continue `resume_dir`, in this process (one rank of a group or alone)."""
+    """Train a new run under `out`, or continue `resume_dir`, in this process (one rank of a group or alone).
+
+    In a group, an error is re-raised with the rank that raised it, so the launcher (or torchrun's log)
+    names where a run failed.
+    """
     from ntkcl.engine.distributed import init_distributed, shutdown_distributed
 
-    ctx = init_distributed(config.runtime.device, config.runtime.gpus)
     try:
+        ctx = init_distributed(config.runtime.device, config.runtime.gpus)
         run_dir = resume_dir if resume_dir is not None else start_run(config, out, ctx)
         reporter.run_dir = run_dir
         trainer = Trainer(config, run_dir, ctx, reporter)
         return trainer.run(resume=resume_dir is not None)
+    except Exception as error:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        known = isinstance(error, (BadInputError, RunFailedError))
+        reason = " ".join((str(error) if known else f"{type(error).__name__}: {error}").split())
+        labelled = BadInputError if isinstance(error, BadInputError) else RunFailedError
+        raise labelled(f"rank {os.environ.get('RANK', '?')} failed: {reason}") from error
     finally:
         shutdown_distributed()
