@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from ntkcl.errors import BadInputError, RunFailedError
 # Seconds a rank gets to exit on its own (after Ctrl+C, or after the group failed) before it is terminated.
 GRACE_S = 5.0
 POLL_S = 0.1
+SETTLE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,6 @@ def _worker(
     try:
         result = run_training(config, out, resume_dir, reporter)
     except KeyboardInterrupt:
-        messages.put(("interrupted", rank, None))
         sys.exit(130)
     except BaseException as error:
         code = 2 if isinstance(error, BadInputError) else 1
@@ -205,10 +205,11 @@ def _worker(
 
 @dataclass
 class _Outcome:
+    """What the ranks reported: rank 0's result and run folder, and each failure in arrival order."""
+
     result: object = None
     run_dir: str | None = None
-    failure: tuple[int, int, str] | None = None  # (rank, exit code, message)
-    interrupted: bool = False
+    failures: dict[int, tuple[int, str]] = field(default_factory=dict)  # rank -> (exit code, message)
 
     def take(self, message) -> None:
         kind, rank, payload = message
@@ -216,10 +217,8 @@ class _Outcome:
             self.run_dir = payload
         elif kind == "done":
             self.result = payload
-        elif kind == "interrupted":
-            self.interrupted = True
-        elif kind == "failed" and self.failure is None:
-            self.failure = (rank, *payload)
+        elif kind == "failed":
+            self.failures.setdefault(rank, payload)
 
 
 def _drain(messages, outcome: _Outcome, wait_s: float = 0.0) -> None:
@@ -249,10 +248,21 @@ def _stop(processes, grace_s: float = GRACE_S) -> None:
 def _exit_reason(code: int) -> str:
     if code < 0:
         try:
-            return f"killed by {signal.Signals(-code).name}"
+            return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
-            return f"killed by signal {-code}"
+            return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _first_failure(exit_codes: list[int | None], outcome: _Outcome) -> Exception | None:
+    """The root cause: a rank that died without a word (its peers then only saw a broken connection),
+    else the first error a rank reported. `exit_codes` are taken before the launcher stops anyone."""
+    for rank, code in enumerate(exit_codes):
+        if code not in (None, 0) and rank not in outcome.failures:
+            return RunFailedError(f"rank {rank} {_exit_reason(code)}; the other ranks were stopped")
+    for code, message in outcome.failures.values():
+        return (BadInputError if code == 2 else RunFailedError)(message)
+    return None
 
 
 def _spawn(plan: LaunchPlan, config: RunConfig, out: Path, resume_dir: Path | None, reporter: Reporter):
@@ -270,32 +280,31 @@ def _spawn(plan: LaunchPlan, config: RunConfig, out: Path, resume_dir: Path | No
     for process in processes:
         process.start()
     outcome = _Outcome()
-    failed_rank = None
     try:
         while True:
             _drain(messages, outcome, POLL_S)
             reporter.run_dir = outcome.run_dir or reporter.run_dir
-            codes = [process.exitcode for process in processes]
-            failed_rank = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
-            if outcome.failure is not None or failed_rank is not None or all(code == 0 for code in codes):
+            exit_codes = [process.exitcode for process in processes]
+            failed = outcome.failures or any(code not in (None, 0) for code in exit_codes)
+            if failed or all(code == 0 for code in exit_codes):
                 break
-        # The failing rank's own message says more than the exit code: give it a moment to arrive.
-        _drain(messages, outcome, 1.0 if outcome.failure is None and failed_rank is not None else 0.0)
+        if failed:
+            # A moment for the failing rank's own message (or exit code) to arrive before the rest are stopped.
+            _drain(messages, outcome, SETTLE_S)
+            exit_codes = [process.exitcode for process in processes]
     except KeyboardInterrupt:
         _stop(processes)
         _drain(messages, outcome)
         reporter.run_dir = outcome.run_dir or reporter.run_dir
         raise
     finally:
-        _stop(processes, grace_s=0.0 if failed_rank is not None or outcome.failure is not None else GRACE_S)
-        messages.close()
+        _stop(processes, grace_s=0.0 if outcome.failures else GRACE_S)
+    _drain(messages, outcome)
+    messages.close()
     reporter.run_dir = outcome.run_dir or reporter.run_dir
-    if outcome.failure is not None:
-        rank, code, message = outcome.failure
-        raise (BadInputError if code == 2 else RunFailedError)(message)
-    if failed_rank is not None:
-        reason = _exit_reason(processes[failed_rank].exitcode)
-        raise RunFailedError(f"rank {failed_rank} {reason} before reporting an error")
+    failure = _first_failure(exit_codes, outcome)
+    if failure is not None:
+        raise failure
     if outcome.result is None:
         raise RunFailedError("rank 0 finished without reporting a result")
     return outcome.result

@@ -330,7 +330,8 @@ def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter
     """Train a new run under `out`, or continue `resume_dir`, in this process (one rank of a group or alone).
 
     In a group, an error is re-raised with the rank that raised it, so the launcher (or torchrun's log)
-    names where a run failed.
+    names where a run failed. The group is left as it is on failure: closing it would make the other
+    ranks fail on the broken connection before this rank's own error is reported.
     """
     from ntkcl.engine.distributed import init_distributed, shutdown_distributed
 
@@ -339,7 +340,7 @@ def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter
         run_dir = resume_dir if resume_dir is not None else start_run(config, out, ctx)
         reporter.run_dir = run_dir
         trainer = Trainer(config, run_dir, ctx, reporter)
-        return trainer.run(resume=resume_dir is not None)
+        result = trainer.run(resume=resume_dir is not None)
     except Exception as error:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             raise
@@ -347,5 +348,5 @@ def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter
         reason = " ".join((str(error) if known else f"{type(error).__name__}: {error}").split())
         labelled = BadInputError if isinstance(error, BadInputError) else RunFailedError
         raise labelled(f"rank {os.environ.get('RANK', '?')} failed: {reason}") from error
-    finally:
-        shutdown_distributed()
+    shutdown_distributed()
+    return result
