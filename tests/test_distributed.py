@@ -244,7 +244,11 @@ def fake_gpus(monkeypatch, count):
         (2, ["--gpus", "0,1", "--nproc", "3"], "--nproc 3 conflicts with --gpus (one process per listed GPU)"),
         (0, ["--nproc", "0"], "--nproc must be at least 1, got 0"),
         (0, ["--nproc", "-2"], "--nproc must be at least 1, got -2"),
-        (0, ["--nproc", "2", "--batch-size", "33"], "the global batch size 33 is not divisible by the 2 processes"),
+        (
+            0,
+            ["--nproc", "2", "--batch-size", "33"],
+            "the global batch size 33 is not divisible by the 2 processes; give --batch-size a multiple of 2",
+        ),
         (
             1,
             ["--nproc", "2"],

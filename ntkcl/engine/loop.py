@@ -77,7 +77,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimConfig):
 def per_process_batch(batch_size: int, world_size: int) -> int:
     """The global batch size stays the configured one: each of N processes takes batch_size / N."""
     if batch_size % world_size:
-        raise BadInputError(f"the global batch size {batch_size} is not divisible by the {world_size} processes")
+        raise BadInputError(
+            f"the global batch size {batch_size} is not divisible by the {world_size} processes; "
+            f"give --batch-size a multiple of {world_size}"
+        )
     return batch_size // world_size
 
 
