@@ -20,7 +20,6 @@ subspace), `orth_basis` (SVD of the partly or wholly zero prototype matrix vs ol
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -135,7 +134,7 @@ def section_logits(features: torch.Tensor, prototypes: torch.Tensor, weights: li
 class NTKCL(ContinualMethod):
     name = "ntk-cl"
     Params = NTKCLParams
-    transient = ("proxy_head", "anchor")
+    transient = ("proxy_head",)
     citation = (
         "@article{liu2024ntkcl, title={Parameter-Efficient Fine-Tuning for Continual Learning: A Neural Tangent "
         "Kernel Perspective}, author={Liu, Jingren and Ji, Zhong and Yu, YunLong and Cao, Jiale and Pang, Yanwei "
@@ -156,7 +155,9 @@ class NTKCL(ContinualMethod):
         )
         self.prototypes = PrototypeClassifier(self.feature_dim)
         self.proxy_head: CosineLinear | None = None
-        self.anchor: nn.ModuleDict | None = None
+        # Per-task tensors kept out of the state dict and out of DDP's buffer broadcast; both are rebuilt
+        # exactly by begin_task from the saved state, so resuming after a task needs neither.
+        self._anchor: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
         self._task: TaskInfo | None = None
 
@@ -229,22 +230,23 @@ class NTKCL(ContinualMethod):
         self.prototypes.grow(task.total_classes - self.prototypes.num_classes)
         self.proxy_head = CosineLinear(self.feature_dim, task.num_new_classes).to(self.device)
         # The L2 anchor is the current copy and fusion as they stand when the task starts, i.e. at the end of
-        # the previous task (at task 0: the initial values).
-        self.anchor = copy.deepcopy(nn.ModuleDict({"current": self.current, "fusion": self.fusion}))
-        self.anchor.requires_grad_(False)
+        # the previous task (at task 0: the initial values), flattened so the pull is a handful of kernels.
+        self._anchor = torch.cat([weight.detach().reshape(-1).float() for weight in self._regularised_weights()])
         self._basis = self._orthogonality_basis() if self.params.execution == "fast" else None
 
     def _orthogonality_basis(self) -> torch.Tensor | None:
         old = self._task.known_classes if self._task is not None else 0
         return orthogonality_basis(self.prototypes.prototypes, self.params.orth_rank, old, self.params.orth_basis)
 
+    def _regularised_weights(self) -> list[nn.Parameter]:
+        """What the L2 pull covers: every weight (no bias) of the current copy and of the fusion."""
+        modules = nn.ModuleDict({"current": self.current, "fusion": self.fusion})
+        return [parameter for name, parameter in modules.named_parameters() if "weight" in name]
+
     def _regularisation(self) -> torch.Tensor:
-        live = dict(nn.ModuleDict({"current": self.current, "fusion": self.fusion}).named_parameters())
-        total = torch.zeros((), device=self.device)
-        for name, anchor in self.anchor.named_parameters():
-            if "weight" in name:
-                total = total + (live[name].float() - anchor.float()).pow(2).sum()
-        return total
+        """Σ ‖θ − θ_anchor‖² over the regularised weights (a plain sum of squares, as the reference)."""
+        live = torch.cat([weight.reshape(-1) for weight in self._regularised_weights()]).float()
+        return (live - self._anchor.to(live.device)).pow(2).sum()
 
     def _mutual_information(self, fused: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         task = self._task
@@ -274,6 +276,7 @@ class NTKCL(ContinualMethod):
         basis = self._basis if params.execution == "fast" else self._orthogonality_basis()
         orthogonality = torch.zeros((), device=images.device)
         if basis is not None:
+            basis = basis.to(images.device)
             orthogonality = finite_or_zero(
                 orthogonality_loss(channel, basis, params.orth_loss)
                 + orthogonality_loss(patch, basis, params.orth_loss)
