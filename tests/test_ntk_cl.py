@@ -186,25 +186,41 @@ def test_gradients_reach_only_the_current_copy_fusion_value_and_head():
     assert method.proxy_head.weight.grad is not None and method.proxy_head.sigma.grad is not None
 
 
-def test_fast_and_sequential_execution_compute_the_same_loss():
+def test_every_execution_computes_the_same_loss_and_gradients():
     torch.manual_seed(0)
-    fast = tiny_method(execution="fast")
-    sequential = tiny_method(execution="sequential")
-    for method in (fast, sequential):
-        method.begin_task(TaskInfo(0, 2, 0, 2))
-    sequential.load_state_dict(fast.state_dict())
-    for method in (fast, sequential):
-        with torch.no_grad():
-            method.prototypes.prototypes.normal_(generator=torch.Generator().manual_seed(1))
+    methods = {execution: tiny_method(execution=execution) for execution in ("fast", "stacked", "sequential")}
+    fast = methods["fast"]
+    fast.begin_task(TaskInfo(0, 2, 0, 2))
+    with torch.no_grad():
+        fast.prototypes.prototypes.normal_(generator=torch.Generator().manual_seed(1))
+        for parameter in fast.current.parameters():
+            parameter.add_(torch.randn_like(parameter), alpha=0.05)
+        fast.average_copies(0)
+    state = fast.state_dict()
+    for method in methods.values():
+        if method is not fast:
+            method.begin_task(TaskInfo(0, 2, 0, 2))
+            method.load_state_dict(state)
         method.begin_task(TaskInfo(1, 2, 2, 2))
-    sequential.proxy_head.load_state_dict(fast.proxy_head.state_dict())
+        if method is not fast:
+            method.proxy_head.load_state_dict(fast.proxy_head.state_dict())
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([2, 3, 3, 2])
-    losses = []
-    for method in (fast, sequential):
-        method.eval()  # no dropout, so both runs see the same function
+    losses, gradients = {}, {}
+    for execution, method in methods.items():
+        method.eval()  # no dropout, so every execution sees the same function
         torch.manual_seed(5)
-        losses.append(method.training_step(images, labels).loss)
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        loss = method.training_step(images, labels).loss
+        loss.backward()
+        losses[execution] = loss.detach()
+        # the last block's generator gets none: its prompts never reach the CLS token
+        gradients[execution] = [p.grad for p in method.parameters() if p.requires_grad]
+    for execution in ("stacked", "sequential"):
+        torch.testing.assert_close(losses[execution], losses["fast"], rtol=1e-5, atol=1e-6)
+        for theirs, mine in zip(gradients[execution], gradients["fast"], strict=True):
+            assert (theirs is None) == (mine is None)
+            if mine is not None:
+                torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in methods["stacked"].averaged.parameters())
 
 
 def test_prompts_start_at_zero_and_join_attention_after_the_first_block():
@@ -282,9 +298,10 @@ def test_ntk_cl_forgets_less_than_finetune_on_digits(cli, data_root, tmp_path):
     assert forgetting["ntk-cl"] < forgetting["finetune"]
 
 
+@pytest.mark.parametrize("execution", ["fast", "stacked"])
 @pytest.mark.parametrize("use_init_ptm", [False, True])
-def test_batched_branch_passes_equal_the_sequential_ones(use_init_ptm):
-    fast = tiny_method(use_init_ptm=use_init_ptm).eval()
+def test_batched_branch_passes_equal_the_sequential_ones(use_init_ptm, execution):
+    fast = tiny_method(use_init_ptm=use_init_ptm, execution=execution).eval()
     sequential = tiny_method(use_init_ptm=use_init_ptm, execution="sequential").eval()
     with torch.no_grad():
         for parameter in fast.current.parameters():
@@ -299,6 +316,6 @@ def test_batched_branch_passes_equal_the_sequential_ones(use_init_ptm):
     with torch.enable_grad():
         training_path = fast.features(images)
     reference = sequential.features(images)
-    for mine, theirs, grad_path in zip(batched, reference, training_path):
+    for mine, theirs, grad_path in zip(batched, reference, training_path, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grad_path, theirs, rtol=1e-4, atol=1e-5)
