@@ -4,14 +4,12 @@ Prints one JSON document. Both executions run in the same process on the same mo
 ratio measured in one run:
 
 * optimised: frozen branches without autograd, stacked branch passes, the orthogonality basis once per task,
-  bf16 autocast on GPU (fp32 for SVD, prototypes and averaging), no host-device sync in the step loop
-  (`--optimised-execution stacked` also stacks the current copy with the frozen ones in training);
+  bf16 autocast on GPU (fp32 for SVD, prototypes and averaging), no host-device sync in the step loop;
 * sequential: the reference's execution, 4-5 full passes per image one after another with autograd, the SVD
   recomputed every batch, fp32.
 
 Usage: python benchmarks/train_throughput.py [--backbone vit_base_patch16_224] [--batch 16] [--device auto]
        [--steps 10] [--warmup 2] [--use-init-ptm] [--mode both|optimised|sequential]
-       [--optimised-execution fast|stacked]
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def measure(backbone, device, mode: str, args) -> dict:
     sequential = mode == "sequential"
-    execution = "sequential" if sequential else args.optimised_execution
+    execution = "sequential" if sequential else "fast"
     params = NTKCLParams(use_init_ptm=args.use_init_ptm, execution=execution)
     torch.manual_seed(0)
     method = NTKCL(backbone, params).to(device)
@@ -106,7 +104,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--use-init-ptm", action="store_true")
     parser.add_argument("--mode", choices=["both", "optimised", "sequential"], default="both")
-    parser.add_argument("--optimised-execution", choices=["fast", "stacked"], default="fast")
     args = parser.parse_args()
     device = torch.device(
         "cuda"

@@ -524,6 +524,8 @@ def load_folder(
     try:
         state = load_file(folder / WEIGHTS_NAME)
         model.load_learned_state(state, finished)
+    except BadInputError as error:
+        raise BadInputError(f"{folder / WEIGHTS_NAME}: {error}") from error
     except (ValueError, RuntimeError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BadInputError(f"{folder / WEIGHTS_NAME} does not fit method {document['method']}: {reason}") from error

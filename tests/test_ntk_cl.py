@@ -188,7 +188,7 @@ def test_gradients_reach_only_the_current_copy_fusion_value_and_head():
 
 def test_every_execution_computes_the_same_loss_and_gradients():
     torch.manual_seed(0)
-    methods = {execution: tiny_method(execution=execution) for execution in ("fast", "stacked", "sequential")}
+    methods = {execution: tiny_method(execution=execution) for execution in ("fast", "sequential")}
     fast = methods["fast"]
     fast.begin_task(TaskInfo(0, 2, 0, 2))
     with torch.no_grad():
@@ -214,13 +214,11 @@ def test_every_execution_computes_the_same_loss_and_gradients():
         losses[execution] = loss.detach()
         # the last block's generator gets none: its prompts never reach the CLS token
         gradients[execution] = [p.grad for p in method.parameters() if p.requires_grad]
-    for execution in ("stacked", "sequential"):
-        torch.testing.assert_close(losses[execution], losses["fast"], rtol=1e-5, atol=1e-6)
-        for theirs, mine in zip(gradients[execution], gradients["fast"], strict=True):
-            assert (theirs is None) == (mine is None)
-            if mine is not None:
-                torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-6)
-    assert all(p.grad is None for p in methods["stacked"].averaged.parameters())
+    torch.testing.assert_close(losses["sequential"], losses["fast"], rtol=1e-5, atol=1e-6)
+    for theirs, mine in zip(gradients["sequential"], gradients["fast"], strict=True):
+        assert (theirs is None) == (mine is None)
+        if mine is not None:
+            torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-6)
 
 
 def test_prompts_start_at_zero_and_join_attention_after_the_first_block():
@@ -252,6 +250,12 @@ def test_unknown_model_name_is_a_one_line_exit_2(cli, data_root):
     result = cli("train", "--stream", "digits", "--set", "method.params.model_name=tokens")
     assert result.code == 2
     assert "method.params.model_name" in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_fusion_heads_that_do_not_divide_the_width_are_a_one_line_exit_2(cli, data_root):
+    result = cli("train", "--stream", "digits", "--set", "method.params.fusion_heads=7")
+    assert result.code == 2
+    assert "fusion_heads=7" in result.err and len(result.err.strip().splitlines()) == 1
 
 
 def test_channel_variant_trains_on_its_own_feature():
@@ -298,10 +302,9 @@ def test_ntk_cl_forgets_less_than_finetune_on_digits(cli, data_root, tmp_path):
     assert forgetting["ntk-cl"] < forgetting["finetune"]
 
 
-@pytest.mark.parametrize("execution", ["fast", "stacked"])
 @pytest.mark.parametrize("use_init_ptm", [False, True])
-def test_batched_branch_passes_equal_the_sequential_ones(use_init_ptm, execution):
-    fast = tiny_method(use_init_ptm=use_init_ptm, execution=execution).eval()
+def test_batched_branch_passes_equal_the_sequential_ones(use_init_ptm):
+    fast = tiny_method(use_init_ptm=use_init_ptm).eval()
     sequential = tiny_method(use_init_ptm=use_init_ptm, execution="sequential").eval()
     with torch.no_grad():
         for parameter in fast.current.parameters():

@@ -180,11 +180,14 @@ class ContinualMethod(nn.Module, ABC):
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise BadInputError(
-                f"saved state does not fit {self.name}: missing {sorted(missing)[:5]}, "
+                f"saved state does not fit method {self.name}: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
         own = self.state_dict()
         for key, value in state.items():
             if own[key].shape != value.shape:
-                raise BadInputError(f"saved {key} has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
+                raise BadInputError(
+                    f"saved state does not fit method {self.name}: {key} has shape {tuple(value.shape)}, "
+                    f"the model has {tuple(own[key].shape)}"
+                )
         self.load_state_dict(state, strict=False)
