@@ -61,7 +61,7 @@ def measure(backbone, device, mode: str, args) -> dict:
 
     def train_step():
         with autocast:
-            loss = method.training_step(images, labels).loss
+            loss = method.training_step(images, labels).total()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

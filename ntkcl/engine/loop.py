@@ -113,6 +113,10 @@ class ShardedBatches:
         """Factor on this rank's mean loss so that DDP's average over ranks is the mean over the step's images."""
         return self.world_size * self.real_on_rank(step) / self.real_in_step(step)
 
+    def batch_sum_weight(self, step: int) -> float:
+        """Factor on this rank's batch-summed terms so that DDP's average over ranks is the step's sum."""
+        return self.world_size if self.real_on_rank(step) else 0.0
+
 
 def start_run(config: RunConfig, out: Path, ctx: DistributedContext) -> Path:
     """Rank 0 creates the run folder and writes config.json; every rank gets its path."""
@@ -307,11 +311,13 @@ class Trainer:
                 images = images[:keep].to(ctx.device, non_blocking=True)
                 labels = labels[:keep].to(ctx.device, non_blocking=True)
                 with autocast_for(ctx.device, config.runtime.precision):
-                    loss, logs = model(images, labels)
+                    loss, batch_sum, logs = model(images, labels)
                 optimizer.zero_grad(set_to_none=True)
-                (loss * shards.loss_weight(step)).backward()
+                (loss * shards.loss_weight(step) + batch_sum * shards.batch_sum_weight(step)).backward()
                 optimizer.step()
-                for key, value in {"loss": loss.detach(), **logs}.items():
+                # Logged per image like the mean terms: the rank's sum spread over the step's real images.
+                step_loss = loss.detach() + batch_sum.detach() * shards.real_in_step(step) / keep
+                for key, value in {"loss": step_loss, **logs}.items():
                     value = value.detach().float() * real if real else torch.zeros((), device=ctx.device)
                     totals[key] = totals.get(key, 0.0) + value
                 self.reporter.advance(shards.real_in_step(step))

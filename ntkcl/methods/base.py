@@ -1,7 +1,7 @@
 """The method protocol: a small set of task-level hooks the engine calls.
 
     begin_task(task)              grow heads / make per-task modules before training a task
-    training_step(images, labels) -> StepOutput(loss, logs)   (also `forward`, so DDP can wrap the method)
+    training_step(images, labels) -> StepOutput(loss, logs, batch_sum)   (also `forward`, so DDP can wrap the method)
     end_task(task, data)          statistics over the task's training images (prototypes, averages, bases)
     predict(images)               logits over every class seen so far; no task identity is given
 
@@ -57,10 +57,20 @@ class TaskInfo:
 
 @dataclass
 class StepOutput:
-    """What one training step returns: the loss to back-propagate and detached scalars to log."""
+    """What one training step returns: the loss to back-propagate and detached scalars to log.
+
+    `loss` is a mean over the batch's images. `batch_sum` holds terms that a reference sums over the batch
+    instead (NTK-CL's signed-sum orthogonality term): the engine weights the two differently so that a
+    distributed step back-propagates the same total as one process would on the whole batch.
+    """
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch_sum: torch.Tensor | None = None
+
+    def total(self) -> torch.Tensor:
+        """The loss of the whole batch in one process."""
+        return self.loss if self.batch_sum is None else self.loss + self.batch_sum
 
 
 class TaskData(Protocol):
@@ -148,10 +158,13 @@ class ContinualMethod(nn.Module, ABC):
     def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """Loss for one batch of the current task (labels are stream-ordered global labels)."""
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`training_step` as a (loss, logs) tuple, the output shape DistributedDataParallel expects."""
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """`training_step` as a (loss, batch_sum, logs) tuple, the output shape DistributedDataParallel expects."""
         output = self.training_step(images, labels)
-        return output.loss, output.logs
+        batch_sum = output.loss.new_zeros(()) if output.batch_sum is None else output.batch_sum
+        return output.loss, batch_sum, output.logs
 
     @torch.no_grad()
     def end_task(self, task: TaskInfo, data: TaskData) -> None:

@@ -16,6 +16,9 @@ for the corrected variant: `orth_loss` (signed sum of residuals vs the squared p
 subspace), `orth_basis` (SVD of the partly or wholly zero prototype matrix vs old prototypes only),
 `mi_sign` (the reference maximises its InfoNCE quantity), `average_after_last_task`, and `fusion`
 (degenerate single-token attention vs attention over feature sections).
+
+Under DDP every term equals the one-process step except the contrastive one: its negatives are the rank's
+own images and sampled prototypes (the reference's DataParallel gathers the whole batch first).
 """
 
 from __future__ import annotations
@@ -293,21 +296,20 @@ class NTKCL(ContinualMethod):
                 + orthogonality_loss(patch, basis, params.orth_loss)
             )
         regularisation = finite_or_zero(self._regularisation())
-        loss = (
-            cross_entropy
-            + params.nce_weight * mutual_information
-            + params.orth_weight * orthogonality
-            + params.reg_weight * regularisation
-        )
+        loss = cross_entropy + params.nce_weight * mutual_information + params.reg_weight * regularisation
         accuracy = (logits["fused"].argmax(dim=1) == local).float().mean()
         logs = {
             "ce": cross_entropy.detach(),
             "mi": mutual_information.detach(),
-            "orth": orthogonality.detach(),
             "reg": regularisation.detach(),
             "train_acc": accuracy.detach(),
         }
-        return StepOutput(loss, logs)
+        if params.orth_loss == "projection":
+            logs["orth"] = orthogonality.detach()
+            return StepOutput(loss + params.orth_weight * orthogonality, logs)
+        # The reference's signed sum grows with the batch: logged per image, back-propagated as a batch sum.
+        logs["orth"] = orthogonality.detach() / len(labels)
+        return StepOutput(loss, logs, batch_sum=params.orth_weight * orthogonality)
 
     @torch.no_grad()
     def average_copies(self, task_index: int) -> None:
