@@ -112,7 +112,9 @@ def test_sharded_batches_cover_each_image_once(size, world_size):
         # a batch-summed term: the weighted rank sums average (as DDP does) to the sum over the step
         per_image = torch.arange(size, dtype=torch.float64)[step * batch :][: sum(real)]
         rank_sums = per_image.split(real)
-        averaged = sum(s.sum() * shard.batch_sum_weight(step) for s, shard in zip(rank_sums, shards, strict=True)) / world_size
+        averaged = (
+            sum(s.sum() * shard.batch_sum_weight(step) for s, shard in zip(rank_sums, shards, strict=True)) / world_size
+        )
         assert averaged.item() == pytest.approx(per_image.sum().item())
 
 
