@@ -594,7 +594,7 @@ def evaluate_pretrained(
     from ntkcl.data.registry import get_dataset
     from ntkcl.engine.builders import build_stream
     from ntkcl.engine.distributed import init_distributed
-    from ntkcl.engine.evaluate import evaluate
+    from ntkcl.engine.evaluate import ScoringLoader, evaluate
 
     document = model.config
     config = run_config_of(document)
@@ -612,9 +612,8 @@ def evaluate_pretrained(
     ctx = init_distributed("cpu" if model.device.type == "cpu" else str(model.device))
     stream, _ = build_stream(config, ctx)
     finished = document.get("finished_tasks", stream.num_tasks)
-    counts = evaluate(
-        model.method, stream, stream.task(finished - 1), model.transform, ctx, batch_size, num_workers, precision
-    )
+    scoring = ScoringLoader(stream, model.transform, ctx, batch_size, num_workers, precision)
+    counts = evaluate(model.method, scoring, stream.task(finished - 1))
     accuracy = [100.0 * c / t if t else None for c, t in counts]
     correct, total = sum(c for c, _ in counts), sum(t for _, t in counts)
     final = 100.0 * correct / total if total else None

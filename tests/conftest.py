@@ -19,6 +19,28 @@ TINY_BACKBONE_FLAGS = [
 ]
 
 
+def tiny_digits_run(*, init_classes: int, increment: int, epochs: int = 1, batch_size: int | None = None) -> list:
+    """`ntkcl train` arguments for a quiet digits run on the tiny ViT, in this process, with JSON output."""
+    batch = ["--batch-size", str(batch_size)] if batch_size else []
+    return [
+        "train",
+        "--stream",
+        "digits",
+        *TINY_BACKBONE_FLAGS,
+        "--init-classes",
+        str(init_classes),
+        "--increment",
+        str(increment),
+        "--epochs",
+        str(epochs),
+        *batch,
+        "--num-workers",
+        "0",
+        "-q",
+        "--json",
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

@@ -22,24 +22,9 @@ from safetensors.torch import load_file
 from ntkcl.engine import rundir
 from ntkcl.engine.launch import free_port
 from ntkcl.engine.loop import ShardedBatches
-from tests.conftest import TINY_BACKBONE_FLAGS
+from tests.conftest import tiny_digits_run
 
-RUN = [
-    "train",
-    "--stream",
-    "digits",
-    *TINY_BACKBONE_FLAGS,
-    "--init-classes",
-    "5",
-    "--increment",
-    "5",
-    "--epochs",
-    "1",
-    "--num-workers",
-    "0",
-    "-q",
-    "--json",
-]
+RUN = tiny_digits_run(init_classes=5, increment=5)
 NO_RANDOMNESS = ["--set", "method.params.adapter_dropout=0", "--set", "stream.augment=resize"]
 # A bound far above the few seconds a failing 2-process run takes, far below a hang (collectives wait 30 min).
 FAILURE_DEADLINE_S = 60

@@ -8,29 +8,10 @@ import pytest
 
 from ntkcl.engine import rundir
 from ntkcl.methods.finetune import Finetune
-from tests.conftest import TINY_BACKBONE_FLAGS
+from tests.conftest import tiny_digits_run
 
 # Three tasks (4 + 3 + 3 classes), one short epoch each: a few seconds on two cores.
-FINETUNE_RUN = [
-    "train",
-    "--stream",
-    "digits",
-    "--method",
-    "finetune",
-    *TINY_BACKBONE_FLAGS,
-    "--init-classes",
-    "4",
-    "--increment",
-    "3",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "64",
-    "--num-workers",
-    "0",
-    "-q",
-    "--json",
-]
+FINETUNE_RUN = [*tiny_digits_run(init_classes=4, increment=3, batch_size=64), "--method", "finetune"]
 
 
 def train(cli, out, *extra):

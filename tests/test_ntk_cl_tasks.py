@@ -10,7 +10,7 @@ from ntkcl.engine import rundir
 from ntkcl.methods.base import TaskInfo
 from ntkcl.methods.ntk_cl import NTKCL, NTKCLParams, orthogonality_basis
 from ntkcl.models.backbone import create_backbone
-from tests.conftest import TINY_BACKBONE, TINY_BACKBONE_FLAGS
+from tests.conftest import TINY_BACKBONE, tiny_digits_run
 
 
 def tiny_method(**params) -> NTKCL:
@@ -78,26 +78,7 @@ def test_per_task_tensors_stay_out_of_the_saved_state():
     assert not any("anchor" in key or "basis" in key for key in keys)
 
 
-RUN = [
-    "train",
-    "--stream",
-    "digits",
-    "--method",
-    "ntk-cl",
-    *TINY_BACKBONE_FLAGS,
-    "--init-classes",
-    "4",
-    "--increment",
-    "3",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "64",
-    "--num-workers",
-    "0",
-    "-q",
-    "--json",
-]
+RUN = [*tiny_digits_run(init_classes=4, increment=3, batch_size=64), "--method", "ntk-cl"]
 
 
 def only_run(out):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ntkcl.data.loaders import ImageDataset, ShardSampler
+from ntkcl.data.loaders import ImageDataset, Samples, ShardSampler
 from ntkcl.data.stream import ClassIncrementalStream
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.methods.base import ContinualMethod, TaskInfo
@@ -23,68 +24,62 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def sharded_loader(
-    dataset: ImageDataset, indices: np.ndarray, ctx: DistributedContext, batch_size: int, num_workers: int
-) -> DataLoader:
-    sampler = ShardSampler(np.arange(len(indices)), ctx.rank, ctx.world_size)
-    return DataLoader(
-        Subset(dataset, indices.tolist()),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=False,
-    )
+@dataclass(frozen=True)
+class ScoringLoader:
+    """How evaluation and end-of-task statistics read a stream: test transform, batches, workers, precision.
+
+    Each process reads its own shard without padding, so sums over processes count every image once.
+    """
+
+    stream: ClassIncrementalStream
+    transform: Callable
+    ctx: DistributedContext
+    batch_size: int
+    num_workers: int
+    precision: str = "auto"
+
+    def batches(self, images: Samples, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's shard of `images[indices]`, on its device."""
+        device = self.ctx.device
+        loader = DataLoader(
+            Subset(ImageDataset(images, self.transform), indices.tolist()),
+            batch_size=self.batch_size,
+            sampler=ShardSampler(np.arange(len(indices)), self.ctx.rank, self.ctx.world_size),
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        for batch_images, labels in loader:
+            yield batch_images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 class TaskImages:
     """`TaskData` for `end_task`: the task's training images under test-time transforms, this rank's shard."""
 
-    def __init__(
-        self,
-        stream: ClassIncrementalStream,
-        task: TaskInfo,
-        transform: Callable,
-        ctx: DistributedContext,
-        batch_size: int,
-        num_workers: int,
-    ):
-        self.device = ctx.device
-        self._ctx = ctx
-        dataset = ImageDataset(stream.train, transform)
-        self._loader = sharded_loader(dataset, stream.train_indices(task), ctx, batch_size, num_workers)
+    def __init__(self, scoring: ScoringLoader, task: TaskInfo):
+        self.device = scoring.ctx.device
+        self._scoring = scoring
+        self._task = task
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self._loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        stream = self._scoring.stream
+        return self._scoring.batches(stream.train, stream.train_indices(self._task))
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._ctx.all_reduce_sum(tensor)
+        return self._scoring.ctx.all_reduce_sum(tensor)
 
 
 @torch.no_grad()
-def evaluate(
-    method: ContinualMethod,
-    stream: ClassIncrementalStream,
-    upto: TaskInfo,
-    transform: Callable,
-    ctx: DistributedContext,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
-) -> list[tuple[int, int]]:
+def evaluate(method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo) -> list[tuple[int, int]]:
     """(correct, total) for each task 0..upto on the test images of all classes seen so far."""
     method.eval()
+    stream, ctx = scoring.stream, scoring.ctx
     num_tasks = upto.index + 1
     task_of_label = torch.as_tensor(stream.task_of_label(), device=ctx.device)
     correct = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
     total = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
-    dataset = ImageDataset(stream.test, transform)
-    loader = sharded_loader(dataset, stream.test_indices(upto), ctx, batch_size, num_workers)
-    for images, labels in loader:
-        images = images.to(ctx.device, non_blocking=True)
-        labels = labels.to(ctx.device, non_blocking=True)
-        with autocast_for(ctx.device, precision):
+    for images, labels in scoring.batches(stream.test, stream.test_indices(upto)):
+        with autocast_for(ctx.device, scoring.precision):
             logits = method.predict(images)
         predictions = logits.float().argmax(dim=1)
         tasks = task_of_label[labels]
@@ -124,24 +119,17 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_transforms(config.stream.augment, backbone.img_size)
+    runtime = config.runtime
+    scoring = ScoringLoader(
+        stream, test_transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision
+    )
     rows = []
     for index, checkpoint in enumerate(checkpoints):
         state, _ = rundir.load_checkpoint(checkpoint)
         method = build_method(config, backbone)
         method.load_learned_state(state, stream.tasks()[: index + 1])
         method.to(ctx.device)
-        rows.append(
-            evaluate(
-                method,
-                stream,
-                stream.task(index),
-                test_transform,
-                ctx,
-                config.optim.eval_batch_size,
-                config.runtime.num_workers,
-                config.runtime.precision,
-            )
-        )
+        rows.append(evaluate(method, scoring, stream.task(index)))
         if reporter is not None:
             reporter.message(f"evaluated task {index + 1}/{len(checkpoints)}")
     matrix = AccuracyMatrix.from_rows(rows)

@@ -32,7 +32,7 @@ from ntkcl.data.transforms import build_transforms
 from ntkcl.engine import rundir
 from ntkcl.engine.builders import build_backbone, build_method, build_stream
 from ntkcl.engine.distributed import DistributedContext
-from ntkcl.engine.evaluate import TaskImages, autocast_for, evaluate
+from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.progress import Reporter
 from ntkcl.errors import BadInputError, RunFailedError
@@ -166,7 +166,11 @@ class Trainer:
         self.method: ContinualMethod = build_method(config, self.backbone).to(ctx.device)
         if ctx.enabled and not self.method.supports_distributed:
             raise BadInputError(f"method {self.method.name} does not support distributed training; use one process")
-        self.train_transform, self.test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
+        self.train_transform, test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
+        runtime = config.runtime
+        self.scoring = ScoringLoader(
+            self.stream, test_transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision
+        )
         self.record = run_record(config, self.stream, manifest.sha256, self.backbone, ctx)
 
     def _restore(self) -> list[list[tuple[int, int]]]:
@@ -219,26 +223,9 @@ class Trainer:
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
         epochs = self._train(task)
         self.method.eval()
-        data = TaskImages(
-            self.stream,
-            task,
-            self.test_transform,
-            ctx,
-            config.optim.eval_batch_size,
-            config.runtime.num_workers,
-        )
         with torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
-            self.method.end_task(task, data)
-        counts = evaluate(
-            self.method,
-            self.stream,
-            task,
-            self.test_transform,
-            ctx,
-            config.optim.eval_batch_size,
-            config.runtime.num_workers,
-            config.runtime.precision,
-        )
+            self.method.end_task(task, TaskImages(self.scoring, task))
+        counts = evaluate(self.method, self.scoring, task)
         seconds = time.perf_counter() - started
         if ctx.is_main:
             record = {"task": task.index, "counts": counts, "epochs": epochs, "seconds": seconds}
