@@ -186,7 +186,8 @@ def test_gradients_reach_only_the_current_copy_fusion_value_and_head():
     assert method.proxy_head.weight.grad is not None and method.proxy_head.sigma.grad is not None
 
 
-def test_every_execution_computes_the_same_loss_and_gradients():
+def fast_and_sequential_at_task_1(device="cpu") -> dict[str, NTKCL]:
+    """Two methods with equal state in their second task (old prototypes exist, every loss term is active)."""
     torch.manual_seed(0)
     methods = {execution: tiny_method(execution=execution) for execution in ("fast", "sequential")}
     fast = methods["fast"]
@@ -196,18 +197,23 @@ def test_every_execution_computes_the_same_loss_and_gradients():
         for parameter in fast.current.parameters():
             parameter.add_(torch.randn_like(parameter), alpha=0.05)
         fast.average_copies(0)
-    state = fast.state_dict()
+    sequential = methods["sequential"]
+    sequential.begin_task(TaskInfo(0, 2, 0, 2))
+    sequential.load_state_dict(fast.state_dict())
     for method in methods.values():
-        if method is not fast:
-            method.begin_task(TaskInfo(0, 2, 0, 2))
-            method.load_state_dict(state)
+        method.seen_classes = 2
         method.begin_task(TaskInfo(1, 2, 2, 2))
-        if method is not fast:
-            method.proxy_head.load_state_dict(fast.proxy_head.state_dict())
+    sequential.proxy_head.load_state_dict(fast.proxy_head.state_dict())
+    for method in methods.values():
+        method.to(device).eval()  # no dropout, so every execution sees the same function
+    return methods
+
+
+def test_every_execution_computes_the_same_loss_and_gradients():
+    methods = fast_and_sequential_at_task_1()
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([2, 3, 3, 2])
     losses, gradients = {}, {}
     for execution, method in methods.items():
-        method.eval()  # no dropout, so every execution sees the same function
         torch.manual_seed(5)
         loss = method.training_step(images, labels).total()
         loss.backward()
@@ -219,6 +225,29 @@ def test_every_execution_computes_the_same_loss_and_gradients():
         assert (theirs is None) == (mine is None)
         if mine is not None:
             torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_fast_execution_on_gpu_tracks_the_fp32_reference():
+    """The GPU path (bf16 autocast, stacked passes) stays close to the reference's fp32 sequential one;
+    prototypes, averaged copies and the orthogonality basis stay fp32."""
+    device = torch.device("cuda")
+    methods = fast_and_sequential_at_task_1(device)
+    images = torch.rand(8, 3, 32, 32, device=device)
+    labels = torch.tensor([2, 3] * 4, device=device)
+    torch.manual_seed(5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast_loss = methods["fast"].training_step(images, labels).total()
+        fast_logits = methods["fast"].predict(images)
+    torch.manual_seed(5)
+    reference_loss = methods["sequential"].training_step(images, labels).total()
+    reference_logits = methods["sequential"].predict(images)
+    torch.testing.assert_close(fast_loss.float(), reference_loss, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fast_logits.float(), reference_logits, rtol=3e-2, atol=3e-2)
+    fast = methods["fast"]
+    assert fast._basis.dtype == torch.float32 and fast.prototypes.prototypes.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in fast.averaged.parameters())
 
 
 def test_prompts_start_at_zero_and_join_attention_after_the_first_block():
