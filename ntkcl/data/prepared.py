@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,9 @@ class PreparedDataset(DatasetPlugin):
     def accepted(self) -> tuple[RemoteFile, ...]:
         return tuple(self.files) + tuple(self.alternates)
 
+    @abstractmethod
     def build(self, stage: Path, inputs: Inputs) -> Layout:
         """Lay the inputs out inside `stage` (the future dataset folder) and return the splits."""
-        raise NotImplementedError
 
     def manual_message(self) -> str:
         manual = [remote for remote in self.files if remote.manual]

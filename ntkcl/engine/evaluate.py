@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ntkcl.config import RunConfig
 from ntkcl.data.loaders import ImageDataset, Samples, ShardSampler
 from ntkcl.data.stream import ClassIncrementalStream
 from ntkcl.engine.distributed import DistributedContext
@@ -37,6 +38,14 @@ class ScoringLoader:
     batch_size: int
     num_workers: int
     precision: str = "auto"
+
+    @classmethod
+    def for_run(
+        cls, config: RunConfig, stream: ClassIncrementalStream, transform: Callable, ctx: DistributedContext
+    ) -> ScoringLoader:
+        """The run configuration's evaluation batch size, workers and precision."""
+        runtime = config.runtime
+        return cls(stream, transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision)
 
     def batches(self, images: Samples, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's shard of `images[indices]`, on its device."""
@@ -119,10 +128,7 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_transforms(config.stream.augment, backbone.img_size)
-    runtime = config.runtime
-    scoring = ScoringLoader(
-        stream, test_transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision
-    )
+    scoring = ScoringLoader.for_run(config, stream, test_transform, ctx)
     rows = []
     for index, checkpoint in enumerate(checkpoints):
         state, _ = rundir.load_checkpoint(checkpoint)

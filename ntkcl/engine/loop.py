@@ -167,10 +167,7 @@ class Trainer:
         if ctx.enabled and not self.method.supports_distributed:
             raise BadInputError(f"method {self.method.name} does not support distributed training; use one process")
         self.train_transform, test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
-        runtime = config.runtime
-        self.scoring = ScoringLoader(
-            self.stream, test_transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision
-        )
+        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
         self.record = run_record(config, self.stream, manifest.sha256, self.backbone, ctx)
 
     def _restore(self) -> list[list[tuple[int, int]]]:
