@@ -1,0 +1,102 @@
+"""The shared LoRA building block against plain arithmetic on a tiny timm ViT."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from ntkcl.models.lora import (
+    LoRA,
+    attach_weight_delta,
+    attention_with_qkv_update,
+    lora_block_forward,
+    merge_weight_deltas,
+    orthogonal_rows,
+    pack_qkv,
+    stacked_low_rank,
+    supports_qkv_update,
+)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2).eval()
+
+
+def test_orthogonal_rows_are_orthonormal_and_follow_qr_of_uniform():
+    generator = torch.Generator().manual_seed(3)
+    rows = orthogonal_rows(4, 16, generator)
+    assert rows.shape == (4, 16)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(4), atol=1e-6, rtol=0)
+    q, _ = torch.linalg.qr(torch.rand(16, 4, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(rows, q.T)
+    with pytest.raises(ValueError):
+        orthogonal_rows(17, 16)
+
+
+def test_lora_starts_as_identity_update_and_matches_its_weight_form():
+    lora = LoRA(8, 6, rank=2, scale=0.5)
+    x = torch.randn(3, 8)
+    assert torch.count_nonzero(lora(x)) == 0
+    nn.init.normal_(lora.up)
+    torch.testing.assert_close(lora(x), x @ lora.delta().T)
+    torch.testing.assert_close(lora.delta(), 0.5 * lora.up @ lora.down)
+    frozen = LoRA(8, 6, rank=2, train_down=False)
+    assert not frozen.down.requires_grad and frozen.up.requires_grad
+
+
+def test_zero_update_block_equals_timm_block(vit):
+    tokens = torch.randn(2, 17, vit.embed_dim)
+    block = vit.blocks[0]
+    assert supports_qkv_update(block)
+    forward = lora_block_forward(lambda index, normed: None)
+    torch.testing.assert_close(forward(0, block, tokens), block(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_qkv_update_equals_adding_delta_to_the_fused_weight(vit):
+    torch.manual_seed(1)
+    attn = vit.blocks[1].attn
+    dim = vit.embed_dim
+    q_lora, v_lora = LoRA(dim, dim, 4), LoRA(dim, dim, 4)
+    for lora in (q_lora, v_lora):
+        nn.init.normal_(lora.up, std=0.1)
+    x = torch.randn(2, 17, dim)
+    adapted = attention_with_qkv_update(attn, x, pack_qkv(dim, q=q_lora(x), v=v_lora(x)))
+    reference = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2)
+    reference.load_state_dict(vit.state_dict())
+    reference.eval()
+    with torch.no_grad():
+        reference.blocks[1].attn.qkv.weight[:dim] += q_lora.delta()
+        reference.blocks[1].attn.qkv.weight[2 * dim :] += v_lora.delta()
+    torch.testing.assert_close(adapted, reference.blocks[1].attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_low_rank_equals_a_loop_with_per_adapter_scales():
+    inputs, down, up = torch.randn(3, 5, 8), torch.randn(3, 2, 8), torch.randn(3, 6, 2)
+    scales = torch.tensor([0.5, 1.0, 2.0])
+    stacked = stacked_low_rank(inputs, down, up, scales)
+    for t in range(3):
+        torch.testing.assert_close(stacked[t], scales[t] * inputs[t] @ down[t].T @ up[t].T)
+
+
+def test_weight_delta_parametrization_trains_lora_and_merges():
+    torch.manual_seed(2)
+    linear = nn.Linear(8, 12)
+    linear.requires_grad_(False)
+    original = linear.weight.clone()
+    q, v = LoRA(8, 4, 2), LoRA(8, 4, 2)
+    nn.init.normal_(q.up)
+    nn.init.normal_(v.up)
+    attach_weight_delta(linear, "weight", [q, v], [0, 8])
+    expected = original.clone()
+    expected[:4] += q.delta().detach()
+    expected[8:] += v.delta().detach()
+    torch.testing.assert_close(linear.weight, expected)
+    linear(torch.randn(3, 8)).sum().backward()
+    assert q.up.grad is not None and linear.parametrizations.weight.original.grad is None
+    merge_weight_deltas(linear, "weight")
+    torch.testing.assert_close(linear.weight, expected)
+    assert not linear.weight.requires_grad and isinstance(linear.weight, nn.Parameter)
