@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ntkcl.errors import BadInputError
+from ntkcl.files import atomic_write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -175,8 +176,6 @@ def validate(data: dict) -> RunConfig:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    from ntkcl.data.manifest import atomic_write_text
-
     atomic_write_text(path, config.model_dump_json(indent=2) + "\n")
 
 

@@ -105,7 +105,7 @@ def test_half_written_checkpoint_is_ignored(cli, reference_metrics, tmp_path):
     copy = tmp_path / "copy" / run.name
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "checkpoints" / "task-02")
-    (copy / "checkpoints" / ".task-02.tmp-1234").mkdir()  # what a crash during the rename would leave
+    (copy / "checkpoints" / ".task-02.staging-1234").mkdir()  # what a crash during the rename would leave
     assert [p.name for p in rundir.finished_checkpoints(copy)] == ["task-00", "task-01"]
     resumed = cli("train", "--resume", copy, "-q", "--json")
     assert resumed.json()["metrics"]["correct"] == reference_metrics["correct"]

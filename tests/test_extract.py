@@ -6,7 +6,8 @@ import tarfile
 
 import pytest
 
-from ntkcl.data.extract import DamagedArchiveError, UnsafeArchiveError, extract_archive, staged_folder
+from ntkcl.data.extract import DamagedArchiveError, UnsafeArchiveError, extract_archive
+from ntkcl.files import staged_folder
 from tests._dataserver import tar_bytes, zip_bytes
 
 

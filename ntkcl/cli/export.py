@@ -39,7 +39,7 @@ def export(
     source = rundir.check_run_dir(run_dir) if run_dir is not None else rundir.latest_run(Path("runs"))
     if hub:
         from ntkcl.config import load_config
-        from ntkcl.hub import check_can_push, resolve_repo_id
+        from ntkcl.export.hub import check_can_push, resolve_repo_id
 
         token = check_can_push(token)
         settings = load_config(source / rundir.CONFIG_FILE)
@@ -66,7 +66,7 @@ def export(
             _common.stdout.print(f"{size:>12,d}  {result.folder / name}", highlight=False)
     if hub:
         from ntkcl.errors import RunFailedError
-        from ntkcl.hub import push_export
+        from ntkcl.export.hub import push_export
 
         try:
             pushed = push_export(

@@ -2,18 +2,15 @@
 
 Every member of a tar or zip archive is checked before anything is written: absolute names, `..`
 components, links whose target leaves the destination, and device or fifo members refuse the whole
-archive. `staged_folder` builds a folder under a hidden temporary name next to its final place and renames
-it into place only when the block completes, so an interrupted prepare never leaves a folder that looks
-ready.
+archive. Extraction goes into a `ntkcl.files.staged_folder`, so an interrupted prepare never leaves a folder
+that looks ready.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import posixpath
-import shutil
 import tarfile
 import zipfile
 import zlib
@@ -22,7 +19,6 @@ from pathlib import Path
 
 from ntkcl.errors import BadInputError
 
-STAGING_MARK = ".staging-"
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
 
 
@@ -94,38 +90,6 @@ def extract_archive(archive: Path, destination: Path) -> None:
             bundle.extractall(destination, members=members, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise DamagedArchiveError(f"{archive} is damaged or truncated ({error})") from error
-
-
-def clean_stale_staging(folder: Path) -> None:
-    """Remove staging folders that an interrupted earlier prepare of `folder` left behind."""
-    if folder.parent.is_dir():
-        for stale in folder.parent.glob(f".{folder.name}{STAGING_MARK}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_folder(folder: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder that replaces `folder` when the block succeeds.
-
-    On any exception the temporary folder is deleted and `folder` is left as it was. An existing `folder` is
-    replaced only after the new one is complete.
-    """
-    clean_stale_staging(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}{STAGING_MARK}{os.getpid()}"
-    staging.mkdir()
-    try:
-        yield staging
-        if folder.exists():
-            retired = folder.parent / f".{folder.name}{STAGING_MARK}old-{os.getpid()}"
-            os.replace(folder, retired)
-            os.replace(staging, folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from ntkcl.data.download import download, file_digests, mismatch, verification_record
-from ntkcl.data.extract import disk_errors, staged_folder
+from ntkcl.data.extract import disk_errors
 from ntkcl.data.manifest import Manifest, read_manifest, write_manifest
 from ntkcl.data.plugin import DatasetPlugin, RemoteFile, Samples
 from ntkcl.data.resize_cache import find_cache, write_resize_cache
 from ntkcl.errors import BadInputError
+from ntkcl.files import staged_folder
 
 DOWNLOADS_DIR = ".downloads"
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ntkcl.data.manifest import Manifest, atomic_write_text
+from ntkcl.data.manifest import Manifest
+from ntkcl.files import atomic_write_text, staged_folder
 
 COMPLETE_FILE = "complete.json"
 
@@ -61,9 +62,7 @@ def write_resize_cache(dataset_dir: Path, manifest: Manifest, size: int, workers
     if (final / COMPLETE_FILE).is_file():
         return final
     paths = sorted({relative for rows in manifest.splits.values() for relative, _ in rows if "#" not in relative})
-    staging = dataset_dir / f".resized-{size}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_folder(final) as staging:
         jobs = [(str(dataset_dir / p), str(staging / p), size) for p in paths]
         workers = workers or min(8, os.cpu_count() or 1)
         if workers > 1 and len(jobs) > 64:
@@ -74,9 +73,6 @@ def write_resize_cache(dataset_dir: Path, manifest: Manifest, size: int, workers
                 _resize_one(job)
         atomic_write_text(staging / COMPLETE_FILE, json.dumps({"size": size, "images": len(paths)}) + "\n")
         for other in dataset_dir.glob("resized-*"):
-            shutil.rmtree(other, ignore_errors=True)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            if other != final:
+                shutil.rmtree(other, ignore_errors=True)
     return final

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ntkcl.data.manifest import atomic_write_text
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.errors import BadInputError
+from ntkcl.files import atomic_write_text, staged_folder
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -100,15 +99,10 @@ def checkpoint_dir(run_dir: Path, task_index: int) -> Path:
 def save_checkpoint(run_dir: Path, task_index: int, state: dict[str, torch.Tensor], record: dict) -> Path:
     """Write the task's learned state and record into a temporary folder, then rename it into place."""
     final = checkpoint_dir(run_dir, task_index)
-    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-    save_file(tensors, temporary / STATE_FILE, metadata={"format": "pt"})
-    write_json(temporary / TASK_FILE, record)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    with staged_folder(final) as staging:
+        save_file(tensors, staging / STATE_FILE, metadata={"format": "pt"})
+        write_json(staging / TASK_FILE, record)
     return final
 
 

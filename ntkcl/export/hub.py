@@ -1,7 +1,7 @@
 """The Hugging Face Hub side of exports: push an export folder, download one back.
 
 Pushing creates the repo when needed and uploads a temporary copy of the folder in one commit. A README.md
-on the Hub that is not the unedited card of an earlier ntkcl export (see `export.card_is_generated`) is
+on the Hub that is not the unedited card of an earlier ntkcl export (see `card.card_is_generated`) is
 kept unless `force`. The token is never printed: messages that could echo it are scrubbed.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import ntkcl
 from ntkcl.errors import BadInputError, RunFailedError
-from ntkcl.export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, LIBRARY_NAME, card_is_generated
+from ntkcl.export.card import card_is_generated
+from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, LIBRARY_NAME
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TRUE_VALUES = ("1", "on", "yes", "true")

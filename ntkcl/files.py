@@ -1,0 +1,65 @@
+"""File writing that never leaves half a result behind, and file hashing.
+
+Shared by every layer that writes: dataset manifests and preparation, the run directory (config, metrics,
+checkpoints) and exports. A file is written under a hidden temporary name and renamed into place; a folder
+is built under a hidden temporary name next to its final place and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+STAGING_MARK = ".staging-"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def clean_stale_staging(folder: Path) -> None:
+    """Remove staging folders that an interrupted earlier write of `folder` left behind."""
+    if folder.parent.is_dir():
+        for stale in folder.parent.glob(f".{folder.name}{STAGING_MARK}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces `folder` when the block succeeds.
+
+    On any exception the temporary folder is deleted and `folder` is left as it was. An existing `folder` is
+    replaced only after the new one is complete.
+    """
+    clean_stale_staging(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}{STAGING_MARK}{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        if folder.exists():
+            retired = folder.parent / f".{folder.name}{STAGING_MARK}old-{os.getpid()}"
+            os.replace(folder, retired)
+            os.replace(staging, folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
