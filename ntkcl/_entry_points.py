@@ -12,6 +12,9 @@ from typing import Any
 
 from ntkcl.errors import BadInputError
 
+DATASETS_GROUP = "ntkcl.datasets"
+METHODS_GROUP = "ntkcl.methods"
+
 
 @dataclass
 class Discovered:
@@ -26,6 +29,11 @@ class Discovered:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def entry_point_names(group: str) -> list[str]:
+    """The names registered in `group`, sorted, without importing anything (for completion and early checks)."""
+    return sorted({entry.name for entry in importlib.metadata.entry_points(group=group)})
 
 
 def discover(group: str) -> dict[str, Discovered]:

@@ -25,6 +25,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -84,7 +87,7 @@ class RuntimeConfig(_Section):
 
     seed: int = 0
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     num_workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null = min(4, CPUs)")
     gpus: list[int] | None = None
     nproc: int = Field(default=1, ge=1)

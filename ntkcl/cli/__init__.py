@@ -1,7 +1,11 @@
 """The `ntkcl` command line (Typer). One module per subcommand; parsing and printing only.
 
 Exit codes: 0 success, 2 bad input (one line on stderr, never a traceback), 1 the run itself failed,
-130 interrupted. With `--json` the result (or `{"ok": false, "error": ...}`) is the only thing on stdout.
+130 interrupted. With `--json` the result (or `{"ok": false, "error": ...}`, parser errors included) is the
+only thing on stdout.
+
+Start-up stays fast (`--help`, `--version`, completion, `ntkcl datasets`): the subcommand modules import
+torch, timm and the engine only inside the commands that need them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ntkcl.errors import BadInputError, RunFailedError
 app = typer.Typer(
     name="ntkcl",
     help="Parameter-efficient continual learning with pre-trained vision transformers (NTK-CL and peers).",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -41,17 +45,27 @@ def _root(
 
 
 def _register() -> None:
+    if app.registered_commands:
+        return
     from ntkcl.cli import datasets, evaluate, export, prepare, train
 
     for module in (datasets, prepare, train, evaluate, export):
         module.register(app)
 
 
+def _asks_for_json(argv: list[str]) -> bool:
+    """Whether `--json` is among the options, read before parsing so that parser errors honour it too."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: maps errors to exit codes and one-line messages."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _common.set_json(_asks_for_json(argv))
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="ntkcl", standalone_mode=False)
     except typer.Exit as error:
         sys.exit(error.exit_code)
     except typer.Abort:

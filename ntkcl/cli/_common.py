@@ -11,11 +11,50 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ntkcl._entry_points import DATASETS_GROUP, METHODS_GROUP, entry_point_names
+
 STATE: dict[str, Any] = {"json": False}
+
+
+def non_empty_path(value: str | Path) -> Path:
+    """Parser of path options: an empty value is a mistake, not the current folder."""
+    if isinstance(value, Path):  # a default
+        return value
+    if not value.strip():
+        raise typer.BadParameter("must not be empty")
+    return Path(value).expanduser()
+
+
+def complete_datasets(incomplete: str) -> list[str]:
+    return [name for name in entry_point_names(DATASETS_GROUP) if name.startswith(incomplete)]
+
+
+def complete_methods(incomplete: str) -> list[str]:
+    return [name for name in entry_point_names(METHODS_GROUP) if name.startswith(incomplete)]
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:0")
+
+
+def complete_devices(incomplete: str) -> list[str]:
+    return [name for name in DEVICE_CHOICES if name.startswith(incomplete)]
+
+
+def device_option(default: str | None, help_text: str):
+    """`--device`: one of auto, cpu, cuda or cuda:N (checked against this host before anything runs)."""
+    return typer.Option(
+        default, "--device", metavar="<auto|cpu|cuda|cuda:N>", autocompletion=complete_devices, help=help_text
+    )
+
 
 JSON_OPTION = typer.Option(False, "--json", help="Print a machine-readable result on stdout (logs go to stderr).")
 DATA_ROOT_OPTION = typer.Option(
-    None, "--data-root", envvar="NTKCL_DATA_ROOT", help="Where datasets live (default ~/.cache/ntkcl/data)."
+    None,
+    "--data-root",
+    envvar="NTKCL_DATA_ROOT",
+    parser=non_empty_path,
+    metavar="DIR",
+    help="Where datasets live (default ~/.cache/ntkcl/data).",
 )
 
 # Off a terminal (pipes, CI logs) tables keep their natural width instead of wrapping at 80 columns.
@@ -77,7 +116,3 @@ def metrics_summary(metrics: dict) -> str:
 def print_metrics(metrics: dict, title: str = "Accuracy (%) after each task") -> None:
     stdout.print(metrics_table(metrics, title))
     stdout.print(metrics_summary(metrics), highlight=False)
-
-
-def as_path(value: str | Path | None) -> Path | None:
-    return Path(value).expanduser() if value else None

@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from ntkcl.cli import _common
-from ntkcl.data.registry import default_data_root, discover_datasets
 
 
 def _folder_size(folder: Path) -> int:
@@ -32,6 +31,8 @@ def _acquisition(plugin) -> str:
 
 
 def dataset_rows(root: Path) -> list[dict]:
+    from ntkcl.data.registry import discover_datasets
+
     rows = []
     for name, item in discover_datasets().items():
         if not item.ok:
@@ -69,12 +70,14 @@ def _human(size: int | None) -> str:
 
 
 def datasets(
-    data_root: str | None = _common.DATA_ROOT_OPTION,
+    data_root: Path | None = _common.DATA_ROOT_OPTION,
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
     """List dataset plugins: classes, protocol (init/increment), status, sizes, source distribution."""
     _common.set_json(json_output)
-    root = _common.as_path(data_root) or default_data_root()
+    from ntkcl.data.registry import default_data_root
+
+    root = data_root or default_data_root()
     rows = dataset_rows(root)
     if json_output:
         _common.emit({"data_root": str(root), "datasets": rows})

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.engine.progress import Reporter
 from ntkcl.errors import BadInputError
 
 
@@ -33,11 +32,18 @@ def evaluate(
         "--stream",
         "-s",
         help="Exports only: score on another prepared dataset with the same classes (default: the export's).",
+        autocompletion=_common.complete_datasets,
     ),
     revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit of a repo id."),
-    weights: Path | None = typer.Option(None, "--weights", help="Local base backbone weights (offline use)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (exports)."),
-    data_root: str | None = _common.DATA_ROOT_OPTION,
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        parser=_common.non_empty_path,
+        metavar="PATH",
+        help="Local base backbone weights (offline use).",
+    ),
+    device: str = _common.device_option("auto", "Device for exports."),
+    data_root: Path | None = _common.DATA_ROOT_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
@@ -61,17 +67,18 @@ def evaluate(
     from ntkcl.export import evaluate_pretrained, load_pretrained
 
     model = load_pretrained(path, revision=revision, weights=weights, device=device)
-    result = evaluate_pretrained(model, stream, _common.as_path(data_root))
+    result = evaluate_pretrained(model, stream, data_root)
     if json_output:
         _common.emit(result)
         return
     _print_export_result(result)
 
 
-def _evaluate_run(path: Path, data_root: str | None, quiet: bool, json_output: bool) -> None:
+def _evaluate_run(path: Path, data_root: Path | None, quiet: bool, json_output: bool) -> None:
     from ntkcl.engine.evaluate import evaluate_run
+    from ntkcl.engine.progress import Reporter
 
-    result = evaluate_run(path, _common.as_path(data_root), Reporter(enabled=not quiet))
+    result = evaluate_run(path, data_root, Reporter(enabled=not quiet))
     if json_output:
         _common.emit(result)
         return

@@ -11,8 +11,20 @@ from ntkcl.errors import BadInputError
 
 
 def export(
-    run_dir: Path | None = typer.Argument(None, help="Run directory (default: the most recent run under ./runs)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Export folder (default exports/<run name>)."),
+    run_dir: Path | None = typer.Argument(
+        None,
+        parser=_common.non_empty_path,
+        metavar="[RUN_DIR]",
+        help="Run directory (default: the most recent run under ./runs).",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        parser=_common.non_empty_path,
+        metavar="DIR",
+        help="Export folder (default exports/<run name>).",
+    ),
     hub: bool = typer.Option(False, "--hub", help="Also push the folder to the Hugging Face Hub."),
     repo_id: str | None = typer.Option(None, "--repo-id", help="Hub repo (default <user>/ntkcl-<stream>-<method>)."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.data.extract import disk_errors
-from ntkcl.data.prepared import PreparedDataset
-from ntkcl.data.registry import default_data_root, get_dataset
 from ntkcl.errors import BadInputError
 
 
 def prepare(
-    name: str = typer.Argument(..., help="Dataset name (see `ntkcl datasets`)."),
-    data_root: str | None = _common.DATA_ROOT_OPTION,
-    source: str | None = typer.Option(
-        None, "--from", help="A downloaded archive, or a folder holding the archives or the images, to import."
+    name: str = typer.Argument(
+        ..., help="Dataset name (see `ntkcl datasets`).", autocompletion=_common.complete_datasets
+    ),
+    data_root: Path | None = _common.DATA_ROOT_OPTION,
+    source: Path | None = typer.Option(
+        None,
+        "--from",
+        parser=_common.non_empty_path,
+        metavar="FILE_OR_DIR",
+        help="A downloaded archive, or a folder holding the archives or the images, to import.",
     ),
     force: bool = typer.Option(False, "--force", help="Prepare again even if a valid manifest exists."),
     keep_downloads: bool = typer.Option(
@@ -35,8 +40,12 @@ def prepare(
     imported with `--from`. Set NTKCL_MIRROR=URL to fetch every file from URL/NAME/FILE instead.
     """
     _common.set_json(json_output)
+    from ntkcl.data.extract import disk_errors
+    from ntkcl.data.prepared import PreparedDataset
+    from ntkcl.data.registry import default_data_root, get_dataset
+
     plugin = get_dataset(name)
-    root = _common.as_path(data_root) or default_data_root()
+    root = data_root or default_data_root()
     already = plugin.is_prepared(root) and not force
     options = {}
     if isinstance(plugin, PreparedDataset):
@@ -44,7 +53,7 @@ def prepare(
     elif source is not None or resize_cache is not None:
         raise BadInputError(f"dataset {name!r} is generated or bundled: it takes no --from or --resize-cache")
     with disk_errors(root):
-        manifest = plugin.prepare(root, source=_common.as_path(source), force=force, **options)
+        manifest = plugin.prepare(root, source=source, force=force, **options)
     result = {
         "dataset": name,
         "path": str(plugin.dataset_dir(root)),

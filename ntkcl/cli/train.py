@@ -7,39 +7,37 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import RunConfig, deep_merge, load_config, parse_assignment
-from ntkcl.engine import rundir
-from ntkcl.engine.builders import complete_config
-from ntkcl.engine.progress import Reporter
+from ntkcl.config import Precision, RunConfig, deep_merge, load_config, parse_assignment
 from ntkcl.errors import BadInputError
-from ntkcl.presets import resolve_config
+
+# The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
+FLAG_FIELDS = {
+    "stream": ("stream", "dataset"),
+    "method": ("method", "name"),
+    "backbone": ("backbone", "name"),
+    "weights": ("backbone", "weights"),
+    "pretrained": ("backbone", "pretrained"),
+    "init_classes": ("stream", "init_classes"),
+    "increment": ("stream", "increment"),
+    "class_order_seed": ("stream", "class_order_seed"),
+    "data_root": ("stream", "data_root"),
+    "epochs": ("optim", "epochs"),
+    "lr": ("optim", "lr"),
+    "batch_size": ("optim", "batch_size"),
+    "seed": ("runtime", "seed"),
+    "device": ("runtime", "device"),
+    "precision": ("runtime", "precision"),
+    "num_workers": ("runtime", "num_workers"),
+}
 
 
 def _flag_overrides(**flags) -> dict:
     """Map the explicit flags onto config sections (only those the user gave)."""
-    mapping = {
-        "stream": ("stream", "dataset"),
-        "method": ("method", "name"),
-        "backbone": ("backbone", "name"),
-        "weights": ("backbone", "weights"),
-        "pretrained": ("backbone", "pretrained"),
-        "init_classes": ("stream", "init_classes"),
-        "increment": ("stream", "increment"),
-        "class_order_seed": ("stream", "class_order_seed"),
-        "data_root": ("stream", "data_root"),
-        "epochs": ("optim", "epochs"),
-        "lr": ("optim", "lr"),
-        "batch_size": ("optim", "batch_size"),
-        "seed": ("runtime", "seed"),
-        "device": ("runtime", "device"),
-        "precision": ("runtime", "precision"),
-        "num_workers": ("runtime", "num_workers"),
-    }
     overrides: dict = {}
     for flag, value in flags.items():
         if value is None:
             continue
-        section, key = mapping[flag]
+        section, key = FLAG_FIELDS[flag]
         overrides.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
     return overrides
 
@@ -70,12 +68,28 @@ def _process_overrides(gpus: str | None, nproc: int | None) -> dict:
 
 
 def train(
-    stream: str | None = typer.Option(None, "--stream", "-s", help="Dataset / stream name (see `ntkcl datasets`)."),
-    method: str | None = typer.Option(None, "--method", "-m", help="Method name (default ntk-cl)."),
+    stream: str | None = typer.Option(
+        None,
+        "--stream",
+        "-s",
+        help="Dataset / stream name (see `ntkcl datasets`).",
+        autocompletion=_common.complete_datasets,
+    ),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="Method name (default ntk-cl).", autocompletion=_common.complete_methods
+    ),
     backbone: str | None = typer.Option(None, "--backbone", help="timm model as arch.tag."),
-    weights: Path | None = typer.Option(None, "--weights", help="Local backbone weights file or folder (offline)."),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        parser=_common.non_empty_path,
+        metavar="PATH",
+        help="Local backbone weights file or folder (offline).",
+    ),
     pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained", help="Load the tag's weights."),
-    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML or YAML config file."),
+    config_file: Path | None = typer.Option(
+        None, "--config", "-c", parser=_common.non_empty_path, metavar="FILE", help="TOML or YAML config file."
+    ),
     assignments: list[str] = typer.Option([], "--set", help="Override any field: --set optim.lr=0.01 (repeatable)."),
     init_classes: int | None = typer.Option(None, "--init-classes", help="Classes in the first task."),
     increment: int | None = typer.Option(None, "--increment", help="Classes per later task."),
@@ -84,8 +98,8 @@ def train(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size."),
     seed: int | None = typer.Option(None, "--seed", help="Training seed (separate from the class order)."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    precision: str | None = typer.Option(None, "--precision", help="auto (bf16 on GPU), fp32 or bf16."),
+    device: str | None = _common.device_option(None, "Where to train (auto: a GPU when one is visible)."),
+    precision: Precision | None = typer.Option(None, "--precision", help="auto: bf16 autocast on GPU, fp32 on CPU."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per process."),
     gpus: str | None = typer.Option(
         None, "--gpus", help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun."
@@ -93,14 +107,33 @@ def train(
     nproc: int | None = typer.Option(
         None, "--nproc", help="Processes on this host: gloo on CPU, or one GPU each. The batch size stays global."
     ),
-    data_root: str | None = _common.DATA_ROOT_OPTION,
-    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Folder that receives the run directory."),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue RUN_DIR after its last finished task."),
+    data_root: Path | None = _common.DATA_ROOT_OPTION,
+    out: Path = typer.Option(
+        Path("runs"),
+        "--out",
+        "-o",
+        parser=_common.non_empty_path,
+        metavar="DIR",
+        help="Folder that receives the run directory.",
+    ),
+    resume: Path | None = typer.Option(
+        None,
+        "--resume",
+        parser=_common.non_empty_path,
+        metavar="RUN_DIR",
+        help="Continue RUN_DIR after its last finished task.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
     """Train a class-incremental run; writes runs/<stream>-<method>-<stamp>/ and prints the accuracy table."""
     _common.set_json(json_output)
+    from ntkcl.engine import rundir
+    from ntkcl.engine.builders import complete_config
+    from ntkcl.engine.launch import launch
+    from ntkcl.engine.progress import Reporter
+    from ntkcl.presets import resolve_config
+
     processes = _process_overrides(gpus, nproc)
     if resume is not None:
         run_dir = rundir.check_run_dir(resume)
@@ -134,8 +167,6 @@ def train(
         overrides = deep_merge(overrides, {"runtime": processes})
         config = complete_config(resolve_config(config_file, overrides))
     reporter = Reporter(enabled=not quiet)
-    from ntkcl.engine.launch import launch
-
     try:
         result = launch(config, out, run_dir, reporter)
     except KeyboardInterrupt:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ntkcl._entry_points import Discovered, discover, require
+from ntkcl._entry_points import DATASETS_GROUP, Discovered, discover, require
 from ntkcl.data.plugin import DatasetPlugin
 
-GROUP = "ntkcl.datasets"
+GROUP = DATASETS_GROUP
 DATA_ROOT_ENV = "NTKCL_DATA_ROOT"
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from ntkcl._entry_points import Discovered, discover, require
+from ntkcl._entry_points import METHODS_GROUP, Discovered, discover, require
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod, MethodParams
 
-GROUP = "ntkcl.methods"
+GROUP = METHODS_GROUP
 
 
 def discover_methods() -> dict[str, Discovered]:
