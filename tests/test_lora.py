@@ -9,12 +9,14 @@ from torch import nn
 
 from ntkcl.models.lora import (
     LoRA,
+    StackedLoRA,
     attach_weight_delta,
     attention_with_qkv_update,
     lora_block_forward,
     merge_weight_deltas,
     orthogonal_rows,
     pack_qkv,
+    run_blocks_for_tasks,
     stacked_low_rank,
     supports_qkv_update,
 )
@@ -80,6 +82,44 @@ def test_stacked_low_rank_equals_a_loop_with_per_adapter_scales():
     stacked = stacked_low_rank(inputs, down, up, scales)
     for t in range(3):
         torch.testing.assert_close(stacked[t], scales[t] * inputs[t] @ down[t].T @ up[t].T)
+
+
+def test_stacked_lora_multiplies_each_adapters_scale_by_its_extra_factor():
+    loras = [LoRA(8, 6, 2, scale=s) for s in (0.5, 2.0)]
+    for lora in loras:
+        nn.init.normal_(lora.up)
+    stacked = StackedLoRA.stack(loras, torch.tensor([3.0, -1.0]))
+    torch.testing.assert_close(stacked.scale, torch.tensor([1.5, -2.0]))
+    inputs = torch.randn(2, 4, 8)
+    outputs = stacked(inputs)
+    torch.testing.assert_close(outputs[0], 3.0 * loras[0](inputs[0]))
+    torch.testing.assert_close(outputs[1], -1.0 * loras[1](inputs[1]))
+
+
+def test_blocks_for_stacked_tasks_equal_one_pass_per_task(vit):
+    """Blocks 1.. for three tasks (q and v adapted in block 1, k in none) in one pass, against three passes."""
+    torch.manual_seed(4)
+    dim, tasks = vit.embed_dim, 3
+    per_task = [{"q": LoRA(dim, dim, 2), "v": LoRA(dim, dim, 2)} for _ in range(tasks)]
+    for adapters in per_task:
+        for lora in adapters.values():
+            nn.init.normal_(lora.up, std=0.2)
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    updates = {1: {name: StackedLoRA.stack([a[name] for a in per_task], weights) for name in ("q", "v")}}
+    tokens = torch.randn(2, 17, dim)
+    with torch.no_grad():
+        stacked = run_blocks_for_tasks(vit.blocks, tokens, updates, start=1)
+    assert stacked.shape == (tasks, 2, 17, dim)
+    for t, adapters in enumerate(per_task):
+        forward = lora_block_forward(
+            lambda index, normed, a=adapters, w=weights[t]: pack_qkv(dim, q=w * a["q"](normed), v=w * a["v"](normed))
+        )
+        with torch.no_grad():
+            expected = forward(1, vit.blocks[1], tokens)
+        torch.testing.assert_close(stacked[t], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="same number of tasks"):
+        short = StackedLoRA.stack([per_task[0]["q"]])
+        run_blocks_for_tasks(vit.blocks, tokens, {0: {"q": short}, 1: updates[1]})
 
 
 def test_weight_delta_parametrization_trains_lora_and_merges():

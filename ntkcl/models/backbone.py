@@ -115,11 +115,21 @@ class Backbone(nn.Module):
         """Final norm and the model's own pooling (CLS token for the ViTs used here)."""
         return self.vit.forward_head(self.vit.norm(tokens), pre_logits=True)
 
+    def run_blocks(
+        self,
+        tokens: torch.Tensor,
+        block_forward: BlockForward = plain_block_forward,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Blocks `start .. stop - 1` (default: all) on `tokens`, each through `block_forward`."""
+        stop = len(self.vit.blocks) if stop is None else stop
+        for index in range(start, stop):
+            tokens = block_forward(index, self.vit.blocks[index], tokens)
+        return tokens
+
     def forward(self, images: torch.Tensor, block_forward: BlockForward = plain_block_forward) -> torch.Tensor:
-        tokens = self.embed(images)
-        for index, block in enumerate(self.vit.blocks):
-            tokens = block_forward(index, block, tokens)
-        return self.pool(tokens)
+        return self.pool(self.run_blocks(self.embed(images), block_forward))
 
 
 def _resolve_weights_file(weights: Path) -> Path:

@@ -11,7 +11,8 @@ Two ways to apply updates, both on a stock model:
 * activation space, for timm ViTs: `attention_with_qkv_update` is timm's `Attention.forward` with an additive
   term on the fused qkv projection's output, so q, k and v can be adapted separately without splitting or
   replacing `attn.qkv`. `stacked_low_rank` runs T tasks' adapters over T stacked copies of a batch with one
-  batched matmul (multi-task inference without a Python loop of T passes).
+  batched matmul, and `run_blocks_for_tasks` runs a range of ViT blocks that way for T tasks at once
+  (multi-task inference without a Python loop of T passes).
 * weight space, for any `nn.Linear` or `nn.MultiheadAttention` weight (CLIP): `WeightDelta` is a
   `torch.nn.utils.parametrize` parametrization W -> W + Σ rows(ΔW), and `merge_weight_deltas` folds it into
   the weight permanently (KeepLoRA's merge after every task).
@@ -19,7 +20,8 @@ Two ways to apply updates, both on a stock model:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -117,6 +119,39 @@ def stacked_low_rank(
     return output * scale if scale != 1.0 else output
 
 
+@dataclass(frozen=True)
+class StackedLoRA:
+    """T adapters of one projection stacked for `stacked_low_rank`: adapter t acts on input chunk t.
+
+    Attributes:
+        down: (T, rank, in).
+        up: (T, out, rank).
+        scale: (T,) multiplier of each adapter's output.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def stack(cls, loras: Sequence[LoRA], extra_scales: torch.Tensor | None = None) -> StackedLoRA:
+        """Stack `loras` (equal shapes); each adapter's scale is its own `scale` times `extra_scales[t]`."""
+        down = torch.stack([lora.down for lora in loras])
+        up = torch.stack([lora.up for lora in loras])
+        scale = torch.tensor([lora.scale for lora in loras], dtype=down.dtype, device=down.device)
+        if extra_scales is not None:
+            scale = scale * extra_scales.to(scale)
+        return cls(down, up, scale)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.down.shape[0]
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(T, M, in) -> (T, M, out)."""
+        return stacked_low_rank(inputs, self.down, self.up, self.scale)
+
+
 def pack_qkv(
     dim: int, q: torch.Tensor | None = None, k: torch.Tensor | None = None, v: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -161,6 +196,49 @@ def lora_block_forward(qkv_update: QKVUpdate) -> Callable[[int, nn.Module, torch
         return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))
 
     return forward
+
+
+def stacked_qkv_update(updates: Mapping[int, Mapping[str, StackedLoRA]], dim: int) -> QKVUpdate:
+    """A `QKVUpdate` for a batch of T equal consecutive chunks, chunk t belonging to task t.
+
+    In block `index`, each of "q", "k", "v" named in `updates[index]` gets adapter t's output on chunk t;
+    blocks without an entry run unchanged.
+    """
+
+    def update(index: int, normed: torch.Tensor) -> torch.Tensor | None:
+        adapters = updates.get(index)
+        if not adapters:
+            return None
+        num_tasks = next(iter(adapters.values())).num_tasks
+        chunks = normed.reshape(num_tasks, -1, normed.shape[-1])
+        parts = {name: adapter(chunks).reshape(*normed.shape[:-1], -1) for name, adapter in adapters.items()}
+        return pack_qkv(dim, **parts)
+
+    return update
+
+
+def run_blocks_for_tasks(
+    blocks: Sequence[nn.Module], tokens: torch.Tensor, updates: Mapping[int, Mapping[str, StackedLoRA]], start: int = 0
+) -> torch.Tensor:
+    """Blocks `start..` of a ViT for T tasks in one batched pass per block.
+
+    Copy t of the shared input `tokens` (B, N, C) runs with task t's adapters: `updates[block index][name]`
+    for name in q, k, v, stacked over the T tasks. This is multi-task inference (CL-LoRA's task-specific
+    blocks after a shared prefix, one pass per stored task in retrieval methods) without a loop of T passes.
+
+    Returns:
+        (T, B, N, C) tokens after the last block.
+    """
+    sizes = {adapter.num_tasks for adapters in updates.values() for adapter in adapters.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the stacked adapters must all hold the same number of tasks, got {sorted(sizes)}")
+    (num_tasks,) = sizes
+    batch, rest = tokens.shape[0], tokens.shape[1:]
+    hidden = tokens.unsqueeze(0).expand(num_tasks, *tokens.shape).reshape(num_tasks * batch, *rest)
+    forward = lora_block_forward(stacked_qkv_update(updates, tokens.shape[-1]))
+    for index in range(start, len(blocks)):
+        hidden = forward(index, blocks[index], hidden)
+    return hidden.view(num_tasks, batch, *rest)
 
 
 def supports_qkv_update(block: nn.Module) -> bool:
