@@ -18,6 +18,23 @@ TINY_BACKBONE_FLAGS = [
     "backbone.model_kwargs={img_size=32, patch_size=8, depth=2}",
 ]
 
+# An open_clip CLIP small enough for CPU tests: 32-pixel images in 8-pixel patches, width 64, 2 blocks per
+# tower, a 16-token context; random weights with the OpenAI ViT-B/16 layout (QuickGELU).
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_CLIP = {"name": "clip:ViT-B-16/openai", "pretrained": False, "model_kwargs": TINY_CLIP_CONFIG, "normalize": "clip"}
+TINY_CLIP_FLAGS = [
+    "--backbone",
+    "clip:ViT-B-16/openai",
+    "--no-pretrained",
+    "--set",
+    "backbone.model_kwargs={embed_dim=32, vision_cfg={image_size=32, patch_size=8, width=64, layers=2, head_width=32}, "
+    "text_cfg={context_length=16, vocab_size=49408, width=64, heads=2, layers=2}}",
+]
+
 
 def tiny_digits_run(*, init_classes: int, increment: int, epochs: int = 1, batch_size: int | None = None) -> list:
     """`ntkcl train` arguments for a quiet digits run on the tiny ViT, in this process, with JSON output."""

@@ -19,6 +19,7 @@ from ntkcl.models.lora import (
     run_blocks_for_tasks,
     stacked_low_rank,
     supports_qkv_update,
+    weight_delta_of,
 )
 
 
@@ -140,3 +141,33 @@ def test_weight_delta_parametrization_trains_lora_and_merges():
     merge_weight_deltas(linear, "weight")
     torch.testing.assert_close(linear.weight, expected)
     assert not linear.weight.requires_grad and isinstance(linear.weight, nn.Parameter)
+
+
+def test_weight_delta_folds_into_a_merged_delta_beside_the_untouched_weight():
+    torch.manual_seed(3)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    attention.requires_grad_(False)
+    pretrained = attention.in_proj_weight.clone()
+    x = torch.randn(2, 5, 8)
+    q, v = LoRA(8, 8, 2, scale=0.25), LoRA(8, 8, 2, scale=0.25)
+    for lora in (q, v):
+        nn.init.normal_(lora.up)
+    delta = attach_weight_delta(attention, "in_proj_weight", [q, v], [0, 16], keep_merged=True)
+    assert weight_delta_of(attention, "in_proj_weight") is delta
+    with torch.no_grad():
+        adapted = attention(x, x, x, need_weights=False)[0]
+    delta.fold()
+    assert len(delta.loras) == 0
+    expected = torch.zeros(24, 8)
+    expected[:8], expected[16:] = q.delta(), v.delta()
+    torch.testing.assert_close(delta.merged, expected)
+    torch.testing.assert_close(attention.parametrizations.in_proj_weight.original, pretrained, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(x, x, x, need_weights=False)[0], adapted, atol=1e-6, rtol=1e-6)
+    k = LoRA(8, 8, 2)
+    nn.init.normal_(k.up)
+    delta.replace_loras([k], [8])
+    expected[8:16] += k.delta().detach()
+    torch.testing.assert_close(attention.in_proj_weight, pretrained + expected)
+    with pytest.raises(ValueError):
+        attach_weight_delta(nn.Linear(4, 4), "weight", [], []).fold()

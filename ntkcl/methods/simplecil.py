@@ -24,7 +24,7 @@ class SimpleCIL(ContinualMethod):
 
     def __init__(self, backbone: Backbone, params: MethodParams):
         super().__init__(backbone, params)
-        self.classifier = PrototypeClassifier(backbone.embed_dim)
+        self.classifier = PrototypeClassifier(backbone.feature_dim)
 
     def begin_task(self, task: TaskInfo) -> None:
         self.classifier.grow(task.total_classes - self.classifier.num_classes)

@@ -3,7 +3,8 @@
 Nothing here is specific to ViT-B/16: width, token count, prefix tokens and image size are read from the
 model, so `test_vit` or a 32-pixel ViT behave like the paper's backbones. Methods insert their modules by
 passing a `block_forward` that re-composes a block's own sub-modules (norm1, attn, ls1, norm2, mlp, ...);
-the pre-trained modules are never copied or replaced.
+the pre-trained modules are never copied or replaced. `create_backbone` hands `clip:` names to
+`ntkcl.models.clip`, whose CLIP backbone offers the same image-side interface.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
 from torch import nn
 
 from ntkcl.errors import BadInputError
+
+if TYPE_CHECKING:
+    from ntkcl.models.clip import ClipBackbone
 
 NORMALIZATION_CONSTANTS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -38,7 +43,7 @@ def state_dict_sha256(module: nn.Module) -> str:
     for key, tensor in sorted(module.state_dict().items()):
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -51,6 +56,8 @@ class Backbone(nn.Module):
         weights_sha256: fingerprint of the loaded weights (see `state_dict_sha256`).
         normalize: "none" (the NTK-CL/PILOT convention: [0, 1] pixels), "timm", "imagenet" or "clip".
     """
+
+    kind = "timm"
 
     def __init__(self, model: nn.Module, name: str, weights_sha256: str, normalize: str = "none"):
         super().__init__()
@@ -81,6 +88,11 @@ class Backbone(nn.Module):
     @property
     def embed_dim(self) -> int:
         return int(self.vit.embed_dim)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of `forward`'s output (the pooled feature)."""
+        return self.embed_dim
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -132,7 +144,8 @@ class Backbone(nn.Module):
         return self.pool(self.run_blocks(self.embed(images), block_forward))
 
 
-def _resolve_weights_file(weights: Path) -> Path:
+def resolve_weights_file(weights: Path) -> Path:
+    """A weights file, or the known weights file inside a folder; missing ones are bad input."""
     if weights.is_dir():
         for name in WEIGHT_FILE_NAMES:
             if (weights / name).is_file():
@@ -150,11 +163,12 @@ def create_backbone(
     model_kwargs: dict | None = None,
     init_seed: int = 0,
     normalize: str = "none",
-) -> Backbone:
-    """Create a frozen timm ViT by full `arch.tag` name.
+) -> Backbone | ClipBackbone:
+    """Create a frozen timm ViT by full `arch.tag` name, or an open_clip CLIP by a `clip:` name.
 
     Args:
-        name: timm model name, e.g. `vit_base_patch16_224.augreg_in21k`.
+        name: timm model name, e.g. `vit_base_patch16_224.augreg_in21k`, or `clip:ViT-B-16/openai`
+            (see `ntkcl.models.clip.create_clip_backbone`).
         pretrained: load the tag's weights through timm (Hugging Face Hub cache; honours HF_HUB_OFFLINE).
         weights: a local weights file or a folder holding `model.safetensors`; overrides `pretrained`.
         model_kwargs: extra `timm.create_model` arguments (img_size, patch_size, depth, ...).
@@ -162,13 +176,17 @@ def create_backbone(
             rebuilt on resume, evaluation and export load.
         normalize: input normalisation, see `Backbone`.
     """
+    from ntkcl.models.clip import CLIP_PREFIX, create_clip_backbone
+
+    if name.startswith(CLIP_PREFIX):
+        return create_clip_backbone(name, pretrained, weights, model_kwargs, init_seed, normalize)
     architecture = name.split(".", 1)[0]
     if not timm.is_model(architecture):
         raise BadInputError(f"{name!r} is not a timm model (see `timm.list_models('vit*')`)")
     kwargs = dict(model_kwargs or {})
     try:
         if weights is not None:
-            file = _resolve_weights_file(Path(weights).expanduser())
+            file = resolve_weights_file(Path(weights).expanduser())
             model = timm.create_model(
                 name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(file)}, **kwargs
             )

@@ -14,8 +14,9 @@ Two ways to apply updates, both on a stock model:
   batched matmul, and `run_blocks_for_tasks` runs a range of ViT blocks that way for T tasks at once
   (multi-task inference without a Python loop of T passes).
 * weight space, for any `nn.Linear` or `nn.MultiheadAttention` weight (CLIP): `WeightDelta` is a
-  `torch.nn.utils.parametrize` parametrization W -> W + Σ rows(ΔW), and `merge_weight_deltas` folds it into
-  the weight permanently (KeepLoRA's merge after every task).
+  `torch.nn.utils.parametrize` parametrization W -> W + Σ rows(ΔW). `merge_weight_deltas` folds it into
+  the weight permanently; `WeightDelta.fold` folds it into a dense `merged` delta beside the untouched
+  pre-trained weight instead (KeepLoRA's merge after every task, saved and exported as that delta).
 """
 
 from __future__ import annotations
@@ -254,21 +255,37 @@ def supports_qkv_update(block: nn.Module) -> bool:
 
 
 class WeightDelta(nn.Module):
-    """Parametrization W -> W + ΔW, with each LoRA's update added to a block of rows of W.
+    """Parametrization W -> W + M + Σ rows(ΔW): each LoRA's update added to a block of rows of W.
+
+    M is an optional dense `merged` buffer that collects updates folded in earlier (`fold`), so the original
+    weight is never rewritten: a model rebuilt as the pre-trained weights plus saved `merged` tensors computes
+    exactly what the trained one did (KeepLoRA's merge after every task, stored as a delta).
 
     Args:
         loras: the updates.
         row_offsets: first row of W each update covers (e.g. 0, C, 2C for q, k, v of a fused in-projection).
+        merged_shape: the shape of W to keep a dense `merged` buffer (None: LoRA updates only).
     """
 
-    def __init__(self, loras: Sequence[LoRA], row_offsets: Sequence[int]):
+    def __init__(self, loras: Sequence[LoRA], row_offsets: Sequence[int], merged_shape: Sequence[int] | None = None):
         super().__init__()
+        self.loras = nn.ModuleList()
+        self.row_offsets: list[int] = []
+        self.replace_loras(loras, row_offsets)
+        self.merged: torch.Tensor | None
+        self.register_buffer("merged", torch.zeros(*merged_shape) if merged_shape is not None else None)
+
+    def replace_loras(self, loras: Sequence[LoRA], row_offsets: Sequence[int]) -> None:
+        """Swap in another set of updates (e.g. the next task's)."""
         if len(loras) != len(row_offsets):
             raise ValueError("one row offset per LoRA")
         self.loras = nn.ModuleList(loras)
         self.row_offsets = list(row_offsets)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Σ rows(ΔW) as a full (out x in) matrix like `weight`, or None without updates."""
+        if not len(self.loras):
+            return None
         blocks = []
         cursor = 0
         for lora, offset in sorted(zip(self.loras, self.row_offsets), key=lambda pair: pair[1]):
@@ -279,12 +296,47 @@ class WeightDelta(nn.Module):
             cursor = offset + delta.shape[0]
         if cursor < weight.shape[0]:
             blocks.append(weight.new_zeros(weight.shape[0] - cursor, weight.shape[1]))
-        return weight + torch.cat(blocks)
+        return torch.cat(blocks)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None:
+            weight = weight + self.merged.to(weight.dtype)
+        delta = self.lora_delta(weight)
+        return weight if delta is None else weight + delta
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Add the LoRA updates to `merged` and drop them (the function of the layer is unchanged)."""
+        if self.merged is None:
+            raise ValueError("this WeightDelta keeps no merged buffer (create it with merged_shape)")
+        delta = self.lora_delta(self.merged)
+        if delta is not None:
+            self.merged += delta
+        self.replace_loras([], [])
 
 
-def attach_weight_delta(module: nn.Module, name: str, loras: Sequence[LoRA], row_offsets: Sequence[int]) -> None:
-    """Make `module.<name>` read as W + ΔW (the frozen original stays in `parametrizations.<name>.original`)."""
-    parametrize.register_parametrization(module, name, WeightDelta(loras, row_offsets))
+def attach_weight_delta(
+    module: nn.Module,
+    name: str,
+    loras: Sequence[LoRA],
+    row_offsets: Sequence[int],
+    keep_merged: bool = False,
+) -> WeightDelta:
+    """Make `module.<name>` read as W + ΔW (the frozen original stays in `parametrizations.<name>.original`).
+
+    With `keep_merged`, the parametrization also holds a dense `merged` buffer (see `WeightDelta`).
+    """
+    shape = tuple(getattr(module, name).shape) if keep_merged else None
+    delta = WeightDelta(loras, row_offsets, shape).to(getattr(module, name).device)
+    parametrize.register_parametrization(module, name, delta)
+    return delta
+
+
+def weight_delta_of(module: nn.Module, name: str) -> WeightDelta | None:
+    """The `WeightDelta` attached to `module.<name>`, if any."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return next((p for p in module.parametrizations[name] if isinstance(p, WeightDelta)), None)
 
 
 @torch.no_grad()
