@@ -37,6 +37,20 @@ def plain_block_forward(index: int, block: nn.Module, tokens: torch.Tensor) -> t
     return block(tokens)
 
 
+def run_block_range(
+    blocks: nn.Sequential | nn.ModuleList,
+    tokens: torch.Tensor,
+    block_forward: BlockForward,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """`blocks[start:stop]` on `tokens`, each through `block_forward(index, block, tokens)`."""
+    stop = len(blocks) if stop is None else stop
+    for index in range(start, stop):
+        tokens = block_forward(index, blocks[index], tokens)
+    return tokens
+
+
 def state_dict_sha256(module: nn.Module) -> str:
     """A fingerprint of the weights that does not depend on the file format they came from."""
     digest = hashlib.sha256()
@@ -135,10 +149,7 @@ class Backbone(nn.Module):
         stop: int | None = None,
     ) -> torch.Tensor:
         """Blocks `start .. stop - 1` (default: all) on `tokens`, each through `block_forward`."""
-        stop = len(self.vit.blocks) if stop is None else stop
-        for index in range(start, stop):
-            tokens = block_forward(index, self.vit.blocks[index], tokens)
-        return tokens
+        return run_block_range(self.vit.blocks, tokens, block_forward, start, stop)
 
     def forward(self, images: torch.Tensor, block_forward: BlockForward = plain_block_forward) -> torch.Tensor:
         return self.pool(self.run_blocks(self.embed(images), block_forward))

@@ -25,6 +25,7 @@ from ntkcl.models.backbone import (
     BlockForward,
     plain_block_forward,
     resolve_weights_file,
+    run_block_range,
     state_dict_sha256,
 )
 
@@ -118,12 +119,19 @@ class ClipBackbone(nn.Module):
         pooled, _ = self.visual._pool(tokens)
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
+    def run_blocks(
+        self,
+        tokens: torch.Tensor,
+        block_forward: BlockForward = plain_block_forward,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Image blocks `start .. stop - 1` (default: all) on `tokens`, each through `block_forward`."""
+        return run_block_range(self.blocks, tokens, block_forward, start, stop)
+
     def forward(self, images: torch.Tensor, block_forward: BlockForward = plain_block_forward) -> torch.Tensor:
         """Image features in the joint embedding (not normalised)."""
-        tokens = self.embed(images)
-        for index, block in enumerate(self.blocks):
-            tokens = block_forward(index, block, tokens)
-        return self.pool(tokens)
+        return self.pool(self.run_blocks(self.embed(images), block_forward))
 
     # Text tower.
 
