@@ -14,6 +14,7 @@ from ntkcl.errors import BadInputError
 
 DATASETS_GROUP = "ntkcl.datasets"
 METHODS_GROUP = "ntkcl.methods"
+STREAMS_GROUP = "ntkcl.streams"
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ntkcl.data.scenarios import SCENARIOS
 from ntkcl.errors import BadInputError
 from ntkcl.files import atomic_write_text
 
@@ -26,22 +27,36 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 
 Precision = Literal["auto", "fp32", "bf16"]
+Scenario = Literal[SCENARIOS]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class StreamMember(_Section):
+    """One task of a composite stream: a dataset plugin and its options."""
+
+    dataset: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class StreamConfig(_Section):
     """Which data and how it is cut into tasks.
 
-    `init_classes` / `increment` default to the dataset plugin's protocol (the NTK-CL paper's).
-    `class_order_seed` picks `np.random.seed(s); np.random.permutation(n)`; null keeps the base order;
-    `class_order` gives the permutation explicitly.
+    `dataset` names a dataset plugin (split by classes), a composite stream (`ntkcl.streams`: one dataset
+    per task), or an ad-hoc composite `a,b,c`; `members` lists a composite's datasets with their options
+    (filled in from the name when not given). `scenario` is class- or task-incremental; null takes the
+    stream's own (class-incremental unless a named stream says otherwise).
+    For a single dataset, `init_classes` / `increment` default to the plugin's protocol (the NTK-CL
+    paper's); `class_order_seed` picks `np.random.seed(s); np.random.permutation(n)`; null keeps the base
+    order; `class_order` gives the permutation explicitly. Composite streams keep each dataset's base order.
     """
 
     dataset: str = "digits"
     dataset_options: dict[str, Any] = Field(default_factory=dict)
+    members: list[StreamMember] | None = None
+    scenario: Scenario | None = None
     init_classes: int | None = Field(default=None, ge=1)
     increment: int | None = Field(default=None, ge=1)
     class_order_seed: int | None = 0

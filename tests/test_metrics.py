@@ -66,3 +66,40 @@ def test_csv_and_summary_shapes():
 def test_impossible_matrices_are_rejected(correct, total):
     with pytest.raises(ValueError):
         AccuracyMatrix(correct=correct, total=total)
+
+
+def test_mtil_transfer_avg_last_on_a_hand_made_four_task_matrix():
+    # 100 test images per dataset, so counts read as percentages. Z is the zero-shot row (before task 0).
+    # R[j][i] after training task j:
+    #        i=0  i=1  i=2  i=3
+    # Z       50   40   30   20
+    # j=0     90   44   32   21
+    # j=1     80   85   34   23
+    # j=2     70   75   95   25
+    # j=3     60   65   85   99
+    rows = [[90, 44, 32, 21], [80, 85, 34, 23], [70, 75, 95, 25], [60, 65, 85, 99]]
+    matrix = AccuracyMatrix(rows, [[100] * 4] * 4, [50, 40, 30, 20], [100] * 4)
+    # Transfer: i=1: 44; i=2: (32 + 34) / 2 = 33; i=3: (21 + 23 + 25) / 3 = 23 -> (44 + 33 + 23) / 3
+    assert matrix.transfer_per_task() == [None, pytest.approx(44.0), pytest.approx(33.0), pytest.approx(23.0)]
+    assert matrix.transfer() == pytest.approx(100 / 3)
+    # Avg: column means (90+80+70+60)/4 = 75, (44+85+75+65)/4 = 67.25, (32+34+95+85)/4 = 61.5, (21+23+25+99)/4 = 42
+    assert matrix.average_per_task() == [pytest.approx(v) for v in (75.0, 67.25, 61.5, 42.0)]
+    assert matrix.average() == pytest.approx((75 + 67.25 + 61.5 + 42) / 4)
+    # Last: (60 + 65 + 85 + 99) / 4
+    assert matrix.last() == pytest.approx(77.25)
+    assert matrix.zero_shot_accuracy() == [50.0, 40.0, 30.0, 20.0]
+    # The class-incremental metrics read the lower triangle: forgetting (90-60 + 85-65 + 95-85) / 3 = 20
+    assert matrix.forgetting() == pytest.approx(20.0)
+    assert matrix.all_seen_accuracy()[1] == pytest.approx(82.5)  # (80 + 85) / 2 on the seen tasks
+    summary = matrix.summary()
+    assert summary["accuracy_matrix"][0] == [90.0, 44.0, 32.0, 21.0] and summary["last"] == pytest.approx(77.25)
+    assert matrix.to_csv().splitlines()[1] == "zero-shot,50.0000,40.0000,30.0000,20.0000"
+
+
+def test_mtil_metrics_wait_for_the_last_row_and_need_a_full_matrix():
+    partial = AccuracyMatrix([[90, 44, 32]], [[100] * 3], [50, 40, 30], [100] * 3)
+    assert partial.transfer() is None and partial.last() is None and partial.matrix() == [[90.0, 44.0, 32.0]]
+    triangular = AccuracyMatrix([[9], [6, 8]], [[10], [10, 10]])
+    assert triangular.transfer() is None and triangular.average() is None and triangular.last() is None
+    with pytest.raises(ValueError):
+        AccuracyMatrix([[1, 2]], [[2, 2]], [1, 1, 1], [2, 2, 2])  # rows must cover the zero-shot row's tasks

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ntkcl.data.plugin import Samples
-from ntkcl.data.stream import ClassIncrementalStream, class_order, task_sizes
+from ntkcl.data.stream import Stream, class_order, task_sizes
 from ntkcl.errors import BadInputError
 
 REFERENCE_ORDERS = [
@@ -70,7 +70,7 @@ def test_stream_relabels_into_order_and_cuts_tasks():
     labels = np.repeat(np.arange(4), 3)
     train = Samples(labels=labels, arrays=np.zeros((12, 2, 2), np.uint8), class_names=["a", "b", "c", "d"])
     test = Samples(labels=np.arange(4), arrays=np.zeros((4, 2, 2), np.uint8), class_names=["a", "b", "c", "d"])
-    stream = ClassIncrementalStream.build(train, test, 4, 2, 2, order_seed=None, explicit_order=[3, 1, 0, 2])
+    stream = Stream.build(train, test, 4, 2, 2, order_seed=None, explicit_order=[3, 1, 0, 2])
     # base label 3 is shown first -> stream label 0
     assert stream.class_names == ["d", "b", "a", "c"]
     assert stream.test.labels.tolist() == [2, 1, 3, 0]

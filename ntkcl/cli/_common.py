@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ntkcl._entry_points import DATASETS_GROUP, METHODS_GROUP, entry_point_names
+from ntkcl._entry_points import DATASETS_GROUP, METHODS_GROUP, STREAMS_GROUP, entry_point_names
 
 STATE: dict[str, Any] = {"json": False}
 
@@ -26,7 +26,8 @@ def non_empty_path(value: str | Path) -> Path:
 
 
 def complete_datasets(incomplete: str) -> list[str]:
-    return [name for name in entry_point_names(DATASETS_GROUP) if name.startswith(incomplete)]
+    names = entry_point_names(DATASETS_GROUP) + entry_point_names(STREAMS_GROUP)
+    return [name for name in names if name.startswith(incomplete)]
 
 
 def complete_methods(incomplete: str) -> list[str]:
@@ -85,14 +86,17 @@ def _percent(value: float | None) -> str:
 
 
 def metrics_table(metrics: dict, title: str = "Accuracy (%) after each task") -> Table:
-    """R[t][i] with the all-seen, old and new accuracy of each step."""
-    size = metrics["num_tasks"]
+    """R[t][i] with the all-seen, old and new accuracy of each step (after the zero-shot row, if any)."""
+    zero_shot = metrics.get("zero_shot_accuracy")
+    size = len(zero_shot) if zero_shot else metrics["num_tasks"]
     table = Table(title=title, title_justify="left")
     table.add_column("after task", justify="right")
     for i in range(size):
         table.add_column(f"T{i}", justify="right")
     for name in ("all seen", "old", "new"):
         table.add_column(name, justify="right", style="bold" if name == "all seen" else None)
+    if zero_shot:
+        table.add_row("zero-shot", *[_percent(value) for value in zero_shot], "-", "-", "-")
     for t, row in enumerate(metrics["accuracy_matrix"]):
         table.add_row(
             str(t),
@@ -105,12 +109,18 @@ def metrics_table(metrics: dict, title: str = "Accuracy (%) after each task") ->
 
 
 def metrics_summary(metrics: dict) -> str:
-    return (
+    line = (
         f"A_T {_percent(metrics['final_accuracy'])}  "
         f"mean incremental {_percent(metrics['mean_incremental_accuracy'])}  "
         f"forgetting {_percent(metrics['forgetting'])}  "
         f"BWT {_percent(metrics['backward_transfer'])}"
     )
+    if metrics.get("last") is not None:
+        line += (
+            f"  |  MTIL Transfer {_percent(metrics['transfer'])}  Avg {_percent(metrics['avg'])}  "
+            f"Last {_percent(metrics['last'])}"
+        )
+    return line
 
 
 def print_metrics(metrics: dict, title: str = "Accuracy (%) after each task") -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import Precision, RunConfig, deep_merge, load_config, parse_assignment
+from ntkcl.config import Precision, RunConfig, Scenario, deep_merge, load_config, parse_assignment
 from ntkcl.errors import BadInputError
 
 # The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
@@ -20,6 +20,7 @@ FLAG_FIELDS = {
     "init_classes": ("stream", "init_classes"),
     "increment": ("stream", "increment"),
     "class_order_seed": ("stream", "class_order_seed"),
+    "scenario": ("stream", "scenario"),
     "data_root": ("stream", "data_root"),
     "epochs": ("optim", "epochs"),
     "lr": ("optim", "lr"),
@@ -72,8 +73,11 @@ def train(
         None,
         "--stream",
         "-s",
-        help="Dataset / stream name (see `ntkcl datasets`).",
+        help="Dataset, composite stream, or datasets a,b,c one per task (see `ntkcl datasets`).",
         autocompletion=_common.complete_datasets,
+    ),
+    scenario: Scenario | None = typer.Option(
+        None, "--scenario", help="class-incremental or task-incremental (default: the stream's own)."
     ),
     method: str | None = typer.Option(
         None, "--method", "-m", help="Method name (default ntk-cl).", autocompletion=_common.complete_methods
@@ -137,7 +141,7 @@ def train(
     processes = _process_overrides(gpus, nproc)
     if resume is not None:
         run_dir = rundir.check_run_dir(resume)
-        if any(v is not None for v in (stream, method, backbone, config_file)) or assignments:
+        if any(v is not None for v in (stream, scenario, method, backbone, config_file)) or assignments:
             raise BadInputError("--resume continues a run with its saved config; drop the other config options")
         config = load_config(run_dir / rundir.CONFIG_FILE)
         runtime = {**_flag_overrides(device=device, num_workers=num_workers).get("runtime", {}), **processes}
@@ -153,6 +157,7 @@ def train(
             init_classes=init_classes,
             increment=increment,
             class_order_seed=class_order_seed,
+            scenario=scenario,
             data_root=data_root,
             epochs=epochs,
             lr=lr,

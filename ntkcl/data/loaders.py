@@ -23,10 +23,11 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if self.samples.arrays is not None:
-            image = Image.fromarray(self.samples.arrays[index]).convert("RGB")
+        source = self.samples.image(index)
+        if isinstance(source, np.ndarray):
+            image = Image.fromarray(source).convert("RGB")
         else:
-            with Image.open(self.samples.paths[index]) as opened:
+            with Image.open(source) as opened:
                 image = opened.convert("RGB")
         return self.transform(image), int(self.samples.labels[index])
 

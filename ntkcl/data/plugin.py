@@ -18,6 +18,9 @@ import numpy as np
 from ntkcl.data.manifest import Manifest, read_manifest
 from ntkcl.errors import BadInputError
 
+# CLIP's generic prompt, for datasets that publish no templates of their own.
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -41,22 +44,64 @@ class RemoteFile:
 
 @dataclass
 class Samples:
-    """The images of one split: file paths or an in-memory uint8 array, plus base-order labels."""
+    """The images of one split: file paths or in-memory uint8 images, plus base-order labels.
+
+    `arrays` is one N x H x W[x C] array, or an object array of single images when they differ in shape.
+    Samples joined from several datasets (`concatenate`) may hold both: image i is the file `paths[i]`
+    unless that is None, then `arrays[i]`.
+    """
 
     labels: np.ndarray
-    paths: list[Path] | None = None
+    paths: list[Path | None] | None = None
     arrays: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        if (self.paths is None) == (self.arrays is None):
-            raise ValueError("Samples needs exactly one of paths or arrays")
-        if len(self.labels) != (len(self.paths) if self.paths is not None else len(self.arrays)):
-            raise ValueError("Samples: labels and images differ in length")
+        if self.paths is None and self.arrays is None:
+            raise ValueError("Samples needs paths or arrays")
+        for images in (self.paths, self.arrays):
+            if images is not None and len(images) != len(self.labels):
+                raise ValueError("Samples: labels and images differ in length")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def image(self, index: int) -> Path | np.ndarray:
+        """The file or the uint8 array of image `index`."""
+        if self.paths is not None and self.paths[index] is not None:
+            return self.paths[index]
+        return self.arrays[index]
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Samples]) -> Samples:
+        """One Samples holding every image of `parts` in order (class names joined, labels as given)."""
+        labels = np.concatenate([part.labels for part in parts]) if parts else np.zeros(0, np.int64)
+        names = [name for part in parts for name in part.class_names]
+        if all(part.arrays is None for part in parts):
+            return cls(labels, paths=[path for part in parts for path in part.paths], class_names=names)
+        # One stacked array when every part is a plain array of the same image shape and dtype.
+        kinds = {
+            None
+            if part.paths is not None or part.arrays.dtype == object
+            else (part.arrays.dtype, part.arrays.shape[1:])
+            for part in parts
+        }
+        if len(kinds) == 1 and None not in kinds:
+            return cls(labels, arrays=np.concatenate([part.arrays for part in parts]), class_names=names)
+        arrays = np.empty(len(labels), dtype=object)
+        paths: list[Path | None] = [None] * len(labels)
+        start = 0
+        for part in parts:
+            for offset in range(len(part)):
+                source = part.image(offset)
+                if isinstance(source, np.ndarray):
+                    arrays[start + offset] = source
+                else:
+                    paths[start + offset] = source
+            start += len(part)
+        has_paths = any(path is not None for path in paths)
+        return cls(labels, paths=paths if has_paths else None, arrays=arrays, class_names=names)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
         indices = np.asarray(indices, dtype=np.int64)
@@ -99,6 +144,10 @@ class DatasetPlugin(ABC):
         files: what `prepare` needs; empty for generated or bundled data.
         default_init_classes, default_increment: the class-incremental protocol used when a run does not
             say otherwise (the NTK-CL paper's protocol for its benchmarks).
+        templates: CLIP prompt templates (one `{}` each) as the literature uses them for this dataset;
+            empty means CLIP's generic `DEFAULT_TEMPLATES`.
+        prompt_names: class names as a text encoder should read them, where they differ from `class_names`
+            (e.g. ZSCL's overrides); empty means `class_names` with underscores read as spaces.
     """
 
     name: str = ""
@@ -111,6 +160,17 @@ class DatasetPlugin(ABC):
     files: tuple[RemoteFile, ...] = ()
     default_init_classes: int = 0
     default_increment: int = 0
+    templates: tuple[str, ...] = ()
+    prompt_names: tuple[str, ...] = ()
+
+    def prompt_templates(self) -> tuple[str, ...]:
+        return tuple(self.templates) or DEFAULT_TEMPLATES
+
+    def text_class_names(self, class_names: Sequence[str]) -> tuple[str, ...]:
+        """`prompt_names`, else the given (manifest) class names with underscores as spaces."""
+        if self.prompt_names:
+            return tuple(self.prompt_names)
+        return tuple(name.replace("_", " ") for name in class_names)
 
     def dataset_dir(self, root: Path) -> Path:
         return Path(root) / self.name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ntkcl._entry_points import DATASETS_GROUP, Discovered, discover, require
+from ntkcl._entry_points import DATASETS_GROUP, STREAMS_GROUP, Discovered, discover, require
+from ntkcl.data.composite import StreamDefinition
 from ntkcl.data.plugin import DatasetPlugin
 
 GROUP = DATASETS_GROUP
@@ -31,3 +32,24 @@ def discover_datasets() -> dict[str, Discovered]:
 def get_dataset(name: str) -> DatasetPlugin:
     """The plugin called `name`; an unknown or broken name is a BadInputError listing the valid ones."""
     return require(discover_datasets(), name, "dataset")
+
+
+def discover_streams() -> dict[str, Discovered]:
+    """Every registered composite-stream entry point; a name that a dataset already uses is reported as broken."""
+    found = discover(STREAMS_GROUP)
+    datasets = discover(GROUP)
+    for item in found.values():
+        if not item.ok:
+            continue
+        if not isinstance(item.obj, StreamDefinition):
+            item.error = f"entry point {item.target} is not a StreamDefinition instance"
+        elif item.name in datasets:
+            item.error = f"the name {item.name!r} is taken by a dataset plugin"
+        if item.error:
+            item.obj = None
+    return found
+
+
+def get_stream(name: str) -> StreamDefinition:
+    """The composite stream called `name`; an unknown or broken name is a BadInputError listing the valid ones."""
+    return require(discover_streams(), name, "stream")

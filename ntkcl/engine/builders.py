@@ -6,14 +6,18 @@ same way everywhere.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ntkcl.config import RunConfig
+from ntkcl.config import RunConfig, StreamConfig, StreamMember
+from ntkcl.data.composite import Member, StreamDefinition, parse_members
 from ntkcl.data.manifest import Manifest
 from ntkcl.data.plugin import DatasetPlugin
-from ntkcl.data.registry import default_data_root, get_dataset
-from ntkcl.data.stream import ClassIncrementalStream, task_sizes
+from ntkcl.data.registry import default_data_root, discover_datasets, discover_streams, get_dataset, get_stream
+from ntkcl.data.scenarios import CLASS_INCREMENTAL
+from ntkcl.data.stream import Stream, TaskSource, compose, task_sizes
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod
@@ -29,18 +33,88 @@ def dataset_plugin(config: RunConfig) -> DatasetPlugin:
     return get_dataset(config.stream.dataset).configure(**config.stream.dataset_options)
 
 
+def stream_definition(config: RunConfig) -> StreamDefinition | None:
+    """The composite stream a configuration names (members from `stream.members` when given); None for a
+    single dataset. An unknown name is a BadInputError listing the datasets and the streams."""
+    settings = config.stream
+    name = settings.dataset
+    named = get_stream(name) if name in discover_streams() else None
+    if settings.members is not None:
+        members = tuple(Member(member.dataset, dict(member.options)) for member in settings.members)
+        return replace(named, members=members) if named else StreamDefinition(name, members)
+    if "," in name:
+        return StreamDefinition(name, tuple(parse_members(name)))
+    if named is not None or name in discover_datasets():
+        return named
+    datasets = ", ".join(n for n, item in discover_datasets().items() if item.ok)
+    streams = ", ".join(n for n, item in discover_streams().items() if item.ok)
+    raise BadInputError(f"unknown dataset {name!r} (nor a composite stream); datasets: {datasets}; streams: {streams}")
+
+
+def check_capabilities(method: type[ContinualMethod], definition: StreamDefinition | None, scenario: str) -> None:
+    """Exit 2 before anything runs when the method cannot run this stream the way it has to be run."""
+    if scenario not in method.scenarios:
+        raise BadInputError(
+            f"method {method.name} does not support {scenario} streams (it supports {', '.join(method.scenarios)})"
+        )
+    if definition is None:
+        return
+    if definition.requires_zero_shot and not method.zero_shot:
+        raise BadInputError(
+            f"stream {definition.name} scores every task before it is trained (zero-shot transfer); "
+            f"method {method.name} cannot classify a task it has not trained"
+        )
+    if definition.mixing is not None and not method.mixed_task_data:
+        raise BadInputError(
+            f"stream {definition.name} mixes images of other tasks into each task's training set; "
+            f"method {method.name} expects a task's training images to be of its own classes"
+        )
+
+
+def _check_composite_settings(settings: StreamConfig) -> None:
+    given = [
+        flag
+        for flag, value in (
+            ("stream.dataset_options (use stream.members[i].options)", settings.dataset_options),
+            ("--init-classes", settings.init_classes),
+            ("--increment", settings.increment),
+            ("stream.class_order", settings.class_order),
+        )
+        if value
+    ]
+    if given:
+        raise BadInputError(
+            f"stream {settings.dataset} has one task per dataset in each dataset's own label order; "
+            f"drop {', '.join(given)}"
+        )
+
+
 def complete_config(config: RunConfig) -> RunConfig:
-    """Fill what defaults to the dataset or method (protocol, method hyper-parameters) and check it fits."""
-    plugin = dataset_plugin(config)
+    """Fill what defaults to the stream or method (protocol, members, scenario, method hyper-parameters) and
+    check that they fit each other."""
     method = get_method(config.method.name)
     resolved = config.model_copy(deep=True)
-    if resolved.stream.init_classes is None:
-        resolved.stream.init_classes = plugin.default_init_classes
-    if resolved.stream.increment is None:
-        resolved.stream.increment = plugin.default_increment
+    definition = stream_definition(config)
+    if definition is None:
+        plugin = dataset_plugin(config)
+        if resolved.stream.init_classes is None:
+            resolved.stream.init_classes = plugin.default_init_classes
+        if resolved.stream.increment is None:
+            resolved.stream.increment = plugin.default_increment
+        task_sizes(plugin.num_classes, resolved.stream.init_classes, resolved.stream.increment)
+        resolved.stream.scenario = config.stream.scenario or CLASS_INCREMENTAL
+    else:
+        _check_composite_settings(config.stream)
+        for member in definition.members:
+            get_dataset(member.dataset).configure(**member.options)
+        resolved.stream.members = [
+            StreamMember(dataset=member.dataset, options=dict(member.options)) for member in definition.members
+        ]
+        resolved.stream.class_order_seed = None
+        resolved.stream.scenario = config.stream.scenario or definition.scenario
+    check_capabilities(method, definition, resolved.stream.scenario)
     if resolved.runtime.num_workers is None:
         resolved.runtime.num_workers = min(4, os.cpu_count() or 1)
-    task_sizes(plugin.num_classes, resolved.stream.init_classes, resolved.stream.increment)
     resolved.method.params = validate_params(method, config.method.params).model_dump(mode="json")
     return resolved
 
@@ -58,20 +132,98 @@ def prepared_manifest(plugin: DatasetPlugin, root: Path, ctx: DistributedContext
     return plugin.manifest(root)
 
 
-def build_stream(config: RunConfig, ctx: DistributedContext) -> tuple[ClassIncrementalStream, Manifest]:
-    plugin = dataset_plugin(config)
+@dataclass
+class StreamProvenance:
+    """Which data a stream was built from: what `run.json` records and `--resume` checks.
+
+    Attributes:
+        name: the stream's name (`stream.dataset`).
+        members: per task dataset `{"dataset", "options", "manifest_sha256"}` (one entry for a single dataset).
+        composite: one dataset per task (else one dataset split by classes).
+        train_files: for mixed streams (VTAB-SimS), every training image as (task, dataset, manifest row,
+            stream label): the file list the mixing rule produced, written to the run directory.
+    """
+
+    name: str
+    members: list[dict]
+    composite: bool = False
+    train_files: list[tuple[int, str, str, int]] | None = None
+
+    def train_files_text(self) -> str:
+        return "".join(f"{task}\t{dataset}\t{row}\t{label}\n" for task, dataset, row, label in self.train_files)
+
+    @property
+    def sha256(self) -> str:
+        """A single dataset's manifest sha256; for a composite, one hash over its members (and file list)."""
+        if not self.composite:
+            return self.members[0]["manifest_sha256"]
+        digest = hashlib.sha256()
+        for member in self.members:
+            digest.update(f"{member['dataset']}:{member['manifest_sha256']};".encode())
+        if self.train_files is not None:
+            digest.update(self.train_files_text().encode())
+        return digest.hexdigest()
+
+    def record(self) -> dict:
+        document = {"name": self.name, "manifest_sha256": self.sha256}
+        if self.composite:
+            document["members"] = self.members
+        if self.train_files is not None:
+            document["train_files_sha256"] = hashlib.sha256(self.train_files_text().encode()).hexdigest()
+        return document
+
+
+def build_stream(config: RunConfig, ctx: DistributedContext) -> tuple[Stream, StreamProvenance]:
+    """The run's stream and where its data came from."""
     root = data_root(config)
-    manifest = prepared_manifest(plugin, root, ctx)
-    stream = ClassIncrementalStream.build(
-        plugin.load(root, "train"),
-        plugin.load(root, "test"),
-        num_classes=plugin.num_classes,
-        init_classes=config.stream.init_classes or plugin.default_init_classes,
-        increment=config.stream.increment or plugin.default_increment,
-        order_seed=config.stream.class_order_seed,
-        explicit_order=config.stream.class_order,
-    )
-    return stream, manifest
+    definition = stream_definition(config)
+    scenario = config.stream.scenario or (definition.scenario if definition else CLASS_INCREMENTAL)
+    if definition is None:
+        plugin = dataset_plugin(config)
+        manifest = prepared_manifest(plugin, root, ctx)
+        stream = Stream.build(
+            plugin.load(root, "train"),
+            plugin.load(root, "test"),
+            num_classes=plugin.num_classes,
+            init_classes=config.stream.init_classes or plugin.default_init_classes,
+            increment=config.stream.increment or plugin.default_increment,
+            order_seed=config.stream.class_order_seed,
+            explicit_order=config.stream.class_order,
+            dataset=plugin.name,
+            prompt_names=plugin.text_class_names(manifest.classes),
+            templates=plugin.prompt_templates(),
+            scenario=scenario,
+        )
+        member = {"dataset": plugin.name, "options": config.stream.dataset_options, "manifest_sha256": manifest.sha256}
+        return stream, StreamProvenance(config.stream.dataset, [member])
+    sources, members = [], []
+    for member in definition.members:
+        plugin = get_dataset(member.dataset).configure(**member.options)
+        manifest = prepared_manifest(plugin, root, ctx)
+        train = plugin.load(root, "train")
+        rows = manifest.splits["train"]
+        sources.append(
+            TaskSource(
+                dataset=plugin.name,
+                train=train,
+                test=plugin.load(root, "test"),
+                num_classes=plugin.num_classes,
+                prompt_names=plugin.text_class_names(manifest.classes),
+                templates=plugin.prompt_templates(),
+                train_rows=[path for path, _ in rows]
+                if len(rows) == len(train)
+                else [f"#{i}" for i in range(len(train))],
+            )
+        )
+        members.append(
+            {
+                "dataset": member.dataset,
+                "options": dict(member.options),
+                "manifest_sha256": manifest.sha256,
+            }
+        )
+    composite = compose(sources, scenario, definition.mixing)
+    return composite.stream, StreamProvenance(config.stream.dataset, members, True, composite.file_list)
 
 
 def build_backbone(config: RunConfig) -> Backbone:

@@ -1,4 +1,10 @@
-"""Evaluation on all seen classes and the end-of-task data view, both sharded without padding."""
+"""Evaluation after each task and the end-of-task data view, both sharded without padding.
+
+Class-incremental streams are scored on the test images of every seen task, with `predict` over all seen
+classes. Task-incremental streams are scored task by task with `predict_task` (argmax within the task's own
+classes): the seen tasks, or, for a method that predicts untrained tasks (`zero_shot`), every task of the
+stream, also once before the first task (`evaluate(..., upto=None)`: the zero-shot row).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from torch.utils.data import DataLoader, Subset
 
 from ntkcl.config import RunConfig
 from ntkcl.data.loaders import ImageDataset, Samples, ShardSampler
-from ntkcl.data.stream import ClassIncrementalStream
+from ntkcl.data.scenarios import TASK_INCREMENTAL
+from ntkcl.data.stream import Stream
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.methods.base import ContinualMethod, TaskInfo
 
@@ -32,7 +39,7 @@ class ScoringLoader:
     Each process reads its own shard without padding, so sums over processes count every image once.
     """
 
-    stream: ClassIncrementalStream
+    stream: Stream
     transform: Callable
     ctx: DistributedContext
     batch_size: int
@@ -40,9 +47,7 @@ class ScoringLoader:
     precision: str = "auto"
 
     @classmethod
-    def for_run(
-        cls, config: RunConfig, stream: ClassIncrementalStream, transform: Callable, ctx: DistributedContext
-    ) -> ScoringLoader:
+    def for_run(cls, config: RunConfig, stream: Stream, transform: Callable, ctx: DistributedContext) -> ScoringLoader:
         """The run configuration's evaluation batch size, workers and precision."""
         runtime = config.runtime
         return cls(stream, transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision)
@@ -78,11 +83,18 @@ class TaskImages:
         return self._scoring.ctx.all_reduce_sum(tensor)
 
 
+def evaluates_untrained_tasks(method: ContinualMethod, stream: Stream) -> bool:
+    """Whether the run's matrix is full (every task after every task) with a zero-shot row before the first."""
+    return stream.scenario == TASK_INCREMENTAL and method.zero_shot
+
+
 @torch.no_grad()
-def evaluate(method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo) -> list[tuple[int, int]]:
-    """(correct, total) for each task 0..upto on the test images of all classes seen so far."""
+def evaluate(method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo | None) -> list[tuple[int, int]]:
+    """(correct, total) for each evaluated task after training task `upto` (None: before the first task)."""
     method.eval()
     stream, ctx = scoring.stream, scoring.ctx
+    if stream.scenario == TASK_INCREMENTAL:
+        return _evaluate_task_aware(method, scoring, upto)
     num_tasks = upto.index + 1
     task_of_label = torch.as_tensor(stream.task_of_label(), device=ctx.device)
     correct = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
@@ -97,6 +109,23 @@ def evaluate(method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo) ->
     ctx.all_reduce_sum(correct)
     ctx.all_reduce_sum(total)
     return list(zip(correct.tolist(), total.tolist()))
+
+
+def _evaluate_task_aware(
+    method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo | None
+) -> list[tuple[int, int]]:
+    stream, ctx = scoring.stream, scoring.ctx
+    tasks = stream.tasks() if evaluates_untrained_tasks(method, stream) else stream.tasks()[: upto.index + 1]
+    counts = torch.zeros(len(tasks), 2, dtype=torch.int64, device=ctx.device)
+    for position, task in enumerate(tasks):
+        for images, labels in scoring.batches(stream.test, stream.task_test_indices(task)):
+            with autocast_for(ctx.device, scoring.precision):
+                logits = method.predict_task(images, task)
+            predictions = logits.float().argmax(dim=1) + task.known_classes
+            counts[position, 0] += (predictions == labels).sum()
+            counts[position, 1] += labels.numel()
+    ctx.all_reduce_sum(counts)
+    return [(int(c), int(n)) for c, n in counts.tolist()]
 
 
 def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
@@ -129,20 +158,30 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_transforms(config.stream.augment, backbone.img_size)
     scoring = ScoringLoader.for_run(config, stream, test_transform, ctx)
+
+    def fresh_method() -> ContinualMethod:
+        method = build_method(config, backbone)
+        method.begin_stream(stream.tasks())
+        return method
+
+    zero_shot = None
+    if evaluates_untrained_tasks(fresh_method(), stream):
+        zero_shot = evaluate(fresh_method().to(ctx.device), scoring, None)
     rows = []
     for index, checkpoint in enumerate(checkpoints):
         state, _ = rundir.load_checkpoint(checkpoint)
-        method = build_method(config, backbone)
+        method = fresh_method()
         method.load_learned_state(state, stream.tasks()[: index + 1])
         method.to(ctx.device)
         rows.append(evaluate(method, scoring, stream.task(index)))
         if reporter is not None:
             reporter.message(f"evaluated task {index + 1}/{len(checkpoints)}")
-    matrix = AccuracyMatrix.from_rows(rows)
+    matrix = AccuracyMatrix.from_rows(rows, zero_shot)
     reported = rundir.read_json(run_dir / rundir.METRICS_FILE) if (run_dir / rundir.METRICS_FILE).is_file() else {}
+    same = all(reported.get(key) == getattr(matrix, key) for key in ("correct", "total", "zero_shot_correct"))
     return {
         "run_dir": str(run_dir),
         "finished": len(checkpoints) == stream.num_tasks,
         "metrics": matrix.summary(),
-        "matches_training": reported.get("correct") == matrix.correct and reported.get("total") == matrix.total,
+        "matches_training": same,
     }

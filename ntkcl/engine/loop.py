@@ -1,8 +1,9 @@
 """The task loop.
 
 For every task: reseed, `begin_task`, train with a new optimizer and cosine schedule (stepped per epoch) on
-the task's own data, `end_task` statistics, evaluate on all seen classes, then write an atomic checkpoint and
-the metrics so far. Seeds are derived from (run seed, task index[, rank]), so a run resumed after task k
+the task's own data, `end_task` statistics, evaluate (`ntkcl.engine.evaluate`: all seen classes, or each
+task among its own classes, every task for a zero-shot method, which is also scored once before the first
+task), then write an atomic checkpoint and the metrics so far. Seeds are derived from (run seed, task index[, rank]), so a run resumed after task k
 continues exactly as the uninterrupted run would have.
 """
 
@@ -27,12 +28,14 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import ntkcl
 from ntkcl.config import OptimConfig, RunConfig, save_config
 from ntkcl.data.loaders import ImageDataset
-from ntkcl.data.stream import ClassIncrementalStream
+from ntkcl.data.manifest import atomic_write_text
+from ntkcl.data.scenarios import CLASS_INCREMENTAL
+from ntkcl.data.stream import Stream
 from ntkcl.data.transforms import build_transforms
 from ntkcl.engine import rundir
-from ntkcl.engine.builders import build_backbone, build_method, build_stream
+from ntkcl.engine.builders import StreamProvenance, build_backbone, build_method, build_stream
 from ntkcl.engine.distributed import DistributedContext
-from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate
+from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate, evaluates_untrained_tasks
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.progress import Reporter
 from ntkcl.errors import BadInputError, RunFailedError
@@ -127,7 +130,7 @@ def start_run(config: RunConfig, out: Path, ctx: DistributedContext) -> Path:
     return Path(ctx.broadcast_object(str(path) if path else None))
 
 
-def run_record(config: RunConfig, stream: ClassIncrementalStream, manifest_sha256: str, backbone, ctx) -> dict:
+def run_record(config: RunConfig, stream: Stream, provenance: StreamProvenance, backbone, ctx) -> dict:
     device = ctx.device
     return {
         "started_at": datetime.now(timezone.utc).isoformat(),
@@ -143,7 +146,9 @@ def run_record(config: RunConfig, stream: ClassIncrementalStream, manifest_sha25
         "device_type": device.type,
         "world_size": ctx.world_size,
         "backbone": {"name": backbone.name, "weights_sha256": backbone.weights_sha256},
-        "dataset": {"name": config.stream.dataset, "manifest_sha256": manifest_sha256},
+        "dataset": provenance.record(),
+        "scenario": stream.scenario,
+        "task_datasets": stream.task_datasets,
         "class_order": stream.order,
         "class_names": stream.class_names,
         "task_sizes": stream.sizes,
@@ -159,16 +164,18 @@ class Trainer:
         self.run_dir = run_dir
         self.ctx = ctx
         self.reporter = reporter if ctx.is_main else Reporter(enabled=False)
-        self.stream, manifest = build_stream(config, ctx)
+        self.stream, self.provenance = build_stream(config, ctx)
         self.backbone = build_backbone(config).to(ctx.device)
         # The method's initial weights depend on the run seed alone, not on what the process did before.
         seed_everything(derived_seed(config.runtime.seed))
         self.method: ContinualMethod = build_method(config, self.backbone).to(ctx.device)
+        self.method.begin_stream(self.stream.tasks())
         if ctx.enabled and not self.method.supports_distributed:
             raise BadInputError(f"method {self.method.name} does not support distributed training; use one process")
         self.train_transform, test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
         self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
-        self.record = run_record(config, self.stream, manifest.sha256, self.backbone, ctx)
+        self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
+        self.zero_shot: list[tuple[int, int]] | None = None
 
     def _restore(self) -> list[list[tuple[int, int]]]:
         """Load the last finished checkpoint; return the accuracy rows of the finished tasks."""
@@ -183,6 +190,8 @@ class Trainer:
             raise BadInputError("the backbone weights differ from the ones this run started with (sha256 mismatch)")
         if saved["class_order"] != self.stream.order:
             raise BadInputError("the class order differs from the one this run started with")
+        if saved["dataset"]["manifest_sha256"] != self.provenance.sha256:
+            raise BadInputError("the data differs from the one this run started with (manifest sha256 mismatch)")
         rows = [[tuple(pair) for pair in rundir.read_json(p / rundir.TASK_FILE)["counts"]] for p in checkpoints]
         state, _ = rundir.load_checkpoint(checkpoints[-1])
         self.method.load_learned_state(state, self.stream.tasks()[: len(checkpoints)])
@@ -191,15 +200,19 @@ class Trainer:
 
     def run(self, resume: bool = False) -> RunResult:
         ctx = self.ctx
-        rows = self._restore() if resume else []
         if ctx.is_main and not resume:
             rundir.write_json(self.run_dir / rundir.RUN_FILE, self.record)
+            if self.provenance.train_files is not None:
+                atomic_write_text(self.run_dir / rundir.TRAIN_FILES_FILE, self.provenance.train_files_text())
+        if evaluates_untrained_tasks(self.method, self.stream):
+            self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
+        rows = self._restore() if resume else []
         started = time.perf_counter()
         if resume and rows:
             self.reporter.message(f"resuming {self.run_dir.name} after task {len(rows)}/{self.stream.num_tasks}")
         for task in self.stream.tasks()[len(rows) :]:
             rows.append(self._run_task(task))
-        matrix = AccuracyMatrix.from_rows(rows) if rows else None
+        matrix = AccuracyMatrix.from_rows(rows, self.zero_shot) if rows else None
         metrics = {}
         if ctx.is_main and matrix is not None:
             metrics = rundir.write_metrics(
@@ -210,6 +223,19 @@ class Trainer:
             )
         ctx.barrier()
         return RunResult(self.run_dir, matrix, metrics, finished=True, main_process=ctx.is_main)
+
+    def _zero_shot_row(self) -> list[tuple[int, int]]:
+        """Every task scored before the first is trained: computed once, kept in the run folder for resumes."""
+        path = self.run_dir / rundir.ZERO_SHOT_FILE
+        if path.is_file():
+            return [tuple(pair) for pair in rundir.read_json(path)["counts"]]
+        counts = evaluate(self.method, self.scoring, None)
+        if self.ctx.is_main:
+            rundir.write_json(path, {"counts": counts})
+            scores = ", ".join(f"{100.0 * c / n:.2f}" for c, n in counts)
+            self.reporter.message(f"zero-shot accuracy of each task before training: {scores}")
+        self.ctx.barrier()
+        return counts
 
     def _run_task(self, task: TaskInfo) -> list[tuple[int, int]]:
         ctx, config = self.ctx, self.config
@@ -228,12 +254,16 @@ class Trainer:
             record = {"task": task.index, "counts": counts, "epochs": epochs, "seconds": seconds}
             rundir.save_checkpoint(self.run_dir, task.index, self.method.learned_state(), record)
             rundir.append_log(self.run_dir, {"event": "task_end", **record})
-            matrix = AccuracyMatrix.from_rows(self._rows_so_far(task, counts))
+            matrix = AccuracyMatrix.from_rows(self._rows_so_far(task, counts), self.zero_shot)
             rundir.write_metrics(self.run_dir, matrix, finished=task.is_last)
             seen = matrix.all_seen_accuracy()[-1]
+            scope = (
+                f"{task.total_classes} seen classes"
+                if task.scenario == CLASS_INCREMENTAL
+                else f"{task.index + 1} seen tasks, each among its own classes,"
+            )
             self.reporter.message(
-                f"task {task.index + 1}/{task.num_tasks}: accuracy on {task.total_classes} seen classes "
-                f"{seen:.2f}% ({seconds:.1f}s)"
+                f"task {task.index + 1}/{task.num_tasks}: accuracy on {scope} {seen:.2f}% ({seconds:.1f}s)"
             )
         ctx.barrier()
         return counts

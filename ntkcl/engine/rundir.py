@@ -5,6 +5,8 @@ run.json              versions, device, backbone + weight sha256, data manifest 
 log.jsonl             one JSON record per epoch / task event
 metrics.json          accuracy matrix and summary metrics (rewritten after every task)
 acc_matrix.csv        R[t][i] as a table
+zero_shot.json        the evaluation before the first task (task-incremental runs of zero-shot methods)
+train_files.tsv       mixed streams (VTAB-SimS): task, dataset, manifest row, stream label of every training image
 checkpoints/task-XX/  learned state after task XX, written atomically (temporary folder + rename)
 """
 
@@ -27,6 +29,8 @@ RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
 MATRIX_FILE = "acc_matrix.csv"
+ZERO_SHOT_FILE = "zero_shot.json"
+TRAIN_FILES_FILE = "train_files.tsv"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "learned_state.safetensors"
 TASK_FILE = "task.json"
@@ -37,8 +41,8 @@ def utc_stamp() -> str:
 
 
 def new_run_dir(out: Path, stream: str, method: str) -> Path:
-    """A fresh, unique run folder under `out` (never an existing one)."""
-    base = f"{stream}-{method}-{utc_stamp()}"
+    """A fresh, unique run folder under `out` (never an existing one); an ad-hoc `a,b,c` stream reads `a+b+c`."""
+    base = f"{stream.replace(',', '+')}-{method}-{utc_stamp()}"
     candidate, suffix = out / base, 1
     while candidate.exists():
         suffix += 1

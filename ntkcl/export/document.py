@@ -69,7 +69,8 @@ def recorded_command(record: dict, config: RunConfig) -> str:
     ]
     if not config.backbone.pretrained:
         flags.append("--no-pretrained")
-    flags += ["--init-classes", str(config.stream.init_classes), "--increment", str(config.stream.increment)]
+    if config.stream.members is None:
+        flags += ["--init-classes", str(config.stream.init_classes), "--increment", str(config.stream.increment)]
     flags += ["--seed", str(config.runtime.seed)]
     settings = {
         **{f"optim.{k}": v for k, v in config.optim.model_dump(mode="json").items()},
@@ -117,9 +118,11 @@ def build_export_config(run_dir: Path) -> tuple[dict, Path]:
             "increment": config.stream.increment,
             "class_order_seed": config.stream.class_order_seed,
             "augment": config.stream.augment,
+            "members": None if config.stream.members is None else [m.model_dump() for m in config.stream.members],
+            "scenario": config.stream.scenario,
             "manifest_sha256": record.get("dataset", {}).get("manifest_sha256"),
         },
-        "protocol": "class-incremental",
+        "protocol": config.stream.scenario or "class-incremental",
         "task_sizes": sizes,
         "num_tasks": len(sizes),
         "finished_tasks": finished_tasks,

@@ -1,13 +1,35 @@
 """The method protocol: a small set of task-level hooks the engine calls.
 
+    begin_stream(tasks)           every task of the stream, once, before anything else (default: kept in `stream_tasks`)
     begin_task(task)              grow heads / make per-task modules before training a task
     training_step(images, labels) -> StepOutput(loss, logs, batch_sum)   (also `forward`, so DDP can wrap the method)
     end_task(task, data)          statistics over the task's training images (prototypes, averages, bases)
     predict(images)               logits over every class seen so far; no task identity is given
+    predict_task(images, task)    logits over `task`'s own classes only (task-incremental evaluation)
+
+Labels are always global stream labels: task t's classes are `task.classes`, after the classes of the tasks
+before it (label offsets), in training batches and in `TaskData` alike, whatever the scenario.
+
+Scenarios (`TaskInfo.scenario`):
+
+- class-incremental: evaluation calls `predict(images)` on the test images of every seen task and counts the
+  argmax over all seen classes.
+- task-incremental (multi-domain streams such as MTIL): each test image is classified among its own task's
+  classes only: `predict_task(images, task)` returns one column per class of `task` (column k is label
+  `task.known_classes + k`) and the argmax is taken within them. The default slices `predict`, which serves
+  every class-incremental method for the tasks it has trained. A method with `zero_shot = True` must answer
+  `predict_task` for any task, trained or not (a CLIP text classifier built from `task.class_names` and
+  `task.templates`); the engine then evaluates every task of the stream after every task and once before
+  the first (the zero-shot row), which is what MTIL's Transfer needs.
+
+Capabilities are class attributes that the engine checks before anything runs (exit 2 with the reason):
+`scenarios` (which of the two the method supports), `zero_shot` (predicts tasks it has not trained; streams
+such as `mtil-order1` require it), `mixed_task_data` (accepts training data of a task holding labels of
+other tasks, as VTAB-SimS streams have), `supports_distributed` (DDP over several processes).
 
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
-modules) and whether it supports distributed data-parallel training (`supports_distributed`).
-Methods never import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.
+modules). Methods never import the engine: statistics they need across processes go through
+`TaskData.all_reduce_sum`.
 """
 
 from __future__ import annotations
@@ -21,22 +43,36 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ntkcl.data.plugin import DEFAULT_TEMPLATES
+from ntkcl.data.scenarios import CLASS_INCREMENTAL, SCENARIOS
 from ntkcl.errors import BadInputError
 from ntkcl.models.backbone import Backbone
 
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """One step of a class-incremental stream, in stream-ordered labels.
+    """One step of a stream, in stream-ordered labels.
 
-    Task `index` introduces the labels `known_classes .. known_classes + len(classes) - 1`.
+    Task `index` introduces the labels `known_classes .. known_classes + num_new_classes - 1`.
+
+    Attributes:
+        increment: the stream's configured increment (None: this task's size, or a one-dataset-per-task stream).
+        dataset: the dataset plugin the task's images come from.
+        class_names: the task's classes in label order, as a text encoder should read them (the dataset
+            plugin's prompt names, e.g. "annual crop land" for EuroSAT's `AnnualCrop`).
+        templates: the dataset plugin's prompt templates, each with one `{}` for a class name.
+        scenario: `CLASS_INCREMENTAL` or `TASK_INCREMENTAL` (see the module docstring).
     """
 
     index: int
     num_tasks: int
     known_classes: int
     num_new_classes: int
-    increment: int | None = None  # the stream's configured increment (None: this task's size)
+    increment: int | None = None
+    dataset: str = ""
+    class_names: tuple[str, ...] = ()
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    scenario: str = CLASS_INCREMENTAL
 
     @property
     def classes(self) -> range:
@@ -129,6 +165,9 @@ class ContinualMethod(nn.Module, ABC):
     Class attributes:
         name: the entry-point / CLI name.
         Params: pydantic model of the hyper-parameters (`ntkcl train --set method.params.x=...`).
+        scenarios: the scenarios the method runs (see the module docstring).
+        zero_shot: `predict_task` answers for tasks not trained yet.
+        mixed_task_data: a task's training data may hold labels of other tasks (VTAB-SimS).
         supports_distributed: whether DDP over several processes is allowed.
         transient: attribute names of modules that live for one task and are not saved (e.g. proxy heads).
         citation: BibTeX-ish reference printed in model cards.
@@ -136,6 +175,9 @@ class ContinualMethod(nn.Module, ABC):
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
+    scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+    zero_shot: ClassVar[bool] = False
+    mixed_task_data: ClassVar[bool] = False
     supports_distributed: ClassVar[bool] = True
     transient: ClassVar[tuple[str, ...]] = ()
     citation: ClassVar[str] = ""
@@ -145,10 +187,15 @@ class ContinualMethod(nn.Module, ABC):
         self.backbone = backbone
         self.params = params
         self.seen_classes = 0
+        self.stream_tasks: tuple[TaskInfo, ...] = ()
 
     @property
     def device(self) -> torch.device:
         return self.backbone.mean.device
+
+    def begin_stream(self, tasks: Sequence[TaskInfo]) -> None:
+        """Every task of the stream, before the first one is trained (or a saved state is loaded)."""
+        self.stream_tasks = tuple(tasks)
 
     @abstractmethod
     def begin_task(self, task: TaskInfo) -> None:
@@ -174,6 +221,12 @@ class ContinualMethod(nn.Module, ABC):
     @abstractmethod
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Logits over all `seen_classes`, without task identity."""
+
+    def predict_task(self, images: torch.Tensor, task: TaskInfo) -> torch.Tensor:
+        """Logits over `task`'s classes only (task-incremental evaluation); default: `predict`'s columns of them."""
+        if task.total_classes > self.seen_classes:
+            raise RuntimeError(f"{self.name} cannot classify task {task.index} before training it (no zero-shot)")
+        return self.predict(images)[:, task.known_classes : task.total_classes]
 
     def parameter_groups(self) -> list[dict]:
         """Optimizer parameter groups for the current task (default: every trainable parameter)."""

@@ -69,11 +69,14 @@ class Synthetic(DatasetPlugin):
     def generate(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         coarse = rng.uniform(0, 255, size=(self.num_classes, 4, 4, 3))
-        patterns = np.kron(coarse, np.ones((self.size // 4 + 1, self.size // 4 + 1, 1)))
+        shift = self.size // 4
+        # Blocks large enough that a crop shifted by up to `shift` pixels stays inside the pattern.
+        block = -(-(self.size + shift) // 4)
+        patterns = np.kron(coarse, np.ones((block, block, 1)))
         images, labels = [], []
         for label in range(self.num_classes):
             for _ in range(self.per_class):
-                dy, dx = rng.integers(0, self.size // 4 + 1, size=2)
+                dy, dx = rng.integers(0, shift + 1, size=2)
                 crop = patterns[label, dy : dy + self.size, dx : dx + self.size]
                 noisy = crop + rng.normal(0, 20, size=crop.shape)
                 images.append(np.clip(noisy, 0, 255).astype(np.uint8))

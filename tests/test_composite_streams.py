@@ -1,0 +1,223 @@
+"""Composite streams (one dataset per task) from generated data: label offsets, per-task label spaces,
+zero-shot rows, resume, capability checks."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ntkcl.data.plugin import Samples
+from ntkcl.engine import rundir
+from ntkcl.engine.builders import build_stream, complete_config
+from ntkcl.engine.distributed import init_distributed
+from ntkcl.errors import BadInputError
+from ntkcl.presets import resolve_config
+from tests._zero_shot_probe import ZeroShotProbe
+from tests.conftest import TINY_BACKBONE_FLAGS
+
+# Three generated datasets of 3, 5 and 4 classes, 8 training and 2 test images per class.
+SIZES = (3, 5, 4)
+MEMBERS = [
+    {"dataset": "synthetic", "options": {"classes": classes, "per_class": 10, "seed": seed}}
+    for seed, classes in enumerate(SIZES, start=1)
+]
+MEMBERS_TOML = (
+    "["
+    + ", ".join(
+        f'{{dataset="synthetic", options={{classes={m["options"]["classes"]}, per_class=10, seed={m["options"]["seed"]}}}}}'
+        for m in MEMBERS
+    )
+    + "]"
+)
+
+
+def composite_run(method: str, *extra) -> list:
+    return [
+        "train",
+        "--stream",
+        "three-synthetic",
+        "--set",
+        f"stream.members={MEMBERS_TOML}",
+        "--method",
+        method,
+        *TINY_BACKBONE_FLAGS,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "-q",
+        "--json",
+        *extra,
+    ]
+
+
+def make_distribution(site: Path, name: str, module: str, source: str, entry_points: str) -> None:
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+
+
+STREAM_SOURCE = textwrap.dedent(
+    """
+    from ntkcl.data.composite import Member, StreamDefinition
+
+    members = tuple(Member("synthetic", {"classes": c, "per_class": 10, "seed": s}) for s, c in ((1, 3), (2, 5), (3, 4)))
+    benchmark = StreamDefinition(
+        "zs-bench", members, scenario="task-incremental", requires_zero_shot=True,
+        description="three generated datasets, task-incremental, zero-shot scored",
+    )
+    """
+)
+
+
+@pytest.fixture
+def extensions(tmp_path, monkeypatch):
+    """A third-party stream (`zs-bench`) and the zero-shot test method, installed as distributions."""
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(
+        site,
+        "ntkcl_zs_bench",
+        "ntkcl_zs_bench",
+        STREAM_SOURCE,
+        "[ntkcl.streams]\nzs-bench = ntkcl_zs_bench:benchmark\n",
+    )
+    make_distribution(
+        site, "ntkcl_probe", "ntkcl_probe", "from tests._zero_shot_probe import ZeroShotProbe\n",
+        "[ntkcl.methods]\nzero-shot-probe = ntkcl_probe:ZeroShotProbe\n",
+    )  # fmt: skip
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_label_offsets_over_three_datasets(data_root):
+    overrides = {"stream": {"dataset": "three-synthetic", "members": MEMBERS}, "method": {"name": "simplecil"}}
+    config = complete_config(resolve_config(overrides=overrides))
+    assert config.stream.class_order_seed is None and config.stream.scenario == "class-incremental"
+    stream, provenance = build_stream(config, init_distributed("cpu"))
+    assert stream.sizes == list(SIZES) and stream.order == list(range(12))
+    tasks = stream.tasks()
+    assert [t.known_classes for t in tasks] == [0, 3, 8] and [t.dataset for t in tasks] == ["synthetic"] * 3
+    for task in tasks:
+        train_labels = stream.train.labels[stream.train_indices(task)]
+        assert (
+            sorted(set(train_labels.tolist())) == list(task.classes) and len(train_labels) == 8 * task.num_new_classes
+        )
+        assert task.class_names == tuple(f"pattern-{c:03d}" for c in range(task.num_new_classes))
+        assert task.templates == ("a photo of a {}.",)
+    assert np.bincount(stream.test.labels).tolist() == [2] * 12
+    assert stream.task_of_label().tolist() == [0] * 3 + [1] * 5 + [2] * 4
+    record = provenance.record()
+    assert [m["options"]["classes"] for m in record["members"]] == list(SIZES)
+    assert len({m["manifest_sha256"] for m in record["members"]}) == 3
+
+
+def test_concatenate_keeps_files_and_arrays_of_any_shape(tmp_path):
+    grey = Samples(np.array([0, 1]), arrays=np.zeros((2, 8, 8), np.uint8), class_names=["a", "b"])
+    colour = Samples(np.array([0]), arrays=np.ones((1, 4, 4, 3), np.uint8), class_names=["c"])
+    files = Samples(np.array([0]), paths=[tmp_path / "x.jpg"], class_names=["d"])
+    mixed = Samples.concatenate([grey, files, colour])
+    assert mixed.labels.tolist() == [0, 1, 0, 0] and mixed.class_names == ["a", "b", "d", "c"]
+    assert mixed.image(2) == tmp_path / "x.jpg" and mixed.image(3).shape == (4, 4, 3)
+    assert mixed.subset([3, 0]).image(1).shape == (8, 8)
+    same = Samples.concatenate([grey, grey])
+    assert same.arrays.shape == (4, 8, 8) and same.paths is None
+
+
+def test_task_incremental_scores_each_task_among_its_own_classes(cli, data_root, tmp_path):
+    incremental = cli(*composite_run("simplecil", "--out", tmp_path / "ci"))
+    assert incremental.code == 0, incremental.err
+    aware = cli(*composite_run("simplecil", "--scenario", "task-incremental", "--out", tmp_path / "ti"))
+    assert aware.code == 0, aware.err
+    ci, ti = incremental.json()["metrics"], aware.json()["metrics"]
+    assert ti["total"] == ci["total"] and ti["zero_shot_accuracy"] is None and ti["last"] is None
+    # A nearest-prototype prediction that is right among all seen classes is right among its task's classes.
+    for row_ci, row_ti in zip(ci["correct"], ti["correct"]):
+        assert all(t >= c for c, t in zip(row_ci, row_ti))
+    assert sum(map(sum, ti["correct"])) > sum(map(sum, ci["correct"]))
+    run = next((tmp_path / "ti").iterdir())
+    record = json.loads((run / "run.json").read_text())
+    assert record["scenario"] == "task-incremental" and record["task_sizes"] == list(SIZES)
+    assert run.name.startswith("three-synthetic-simplecil-")
+
+
+def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(
+    cli, data_root, extensions, tmp_path, monkeypatch
+):
+    reference = cli(*composite_run("zero-shot-probe", "--scenario", "task-incremental", "--out", tmp_path / "ref"))
+    assert reference.code == 0, reference.err
+    metrics = reference.json()["metrics"]
+    assert len(metrics["zero_shot_accuracy"]) == 3 and all(len(row) == 3 for row in metrics["accuracy_matrix"])
+    matrix = metrics["accuracy_matrix"]
+    assert metrics["transfer"] == pytest.approx((matrix[0][1] + (matrix[0][2] + matrix[1][2]) / 2) / 2)
+    assert metrics["last"] == pytest.approx(sum(matrix[2]) / 3)
+    assert metrics["avg"] == pytest.approx(sum(sum(row) for row in matrix) / 9)
+
+    original = ZeroShotProbe.begin_task
+
+    def crash_on_last_task(self, task):
+        if task.index == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, task)
+
+    monkeypatch.setattr(ZeroShotProbe, "begin_task", crash_on_last_task)
+    crashed = cli(*composite_run("zero-shot-probe", "--scenario", "task-incremental", "--out", tmp_path / "crash"))
+    assert crashed.code == 1
+    run = next((tmp_path / "crash").iterdir())
+    assert (run / rundir.ZERO_SHOT_FILE).is_file()
+    assert (run / rundir.MATRIX_FILE).read_text().splitlines()[1].startswith("zero-shot,")
+    monkeypatch.setattr(ZeroShotProbe, "begin_task", original)
+    resumed = cli("train", "--resume", run, "-q", "--json")
+    assert resumed.code == 0, resumed.err
+    for key in ("correct", "total", "zero_shot_correct", "transfer", "avg", "last"):
+        assert resumed.json()["metrics"][key] == metrics[key], key
+    evaluated = cli("eval", run, "--json", "-q")
+    assert evaluated.code == 0, evaluated.err and evaluated.json()["matches_training"] is True
+
+
+def test_methods_declare_what_they_can_run(cli, data_root, extensions, tmp_path):
+    out = tmp_path / "refused"
+    refused = cli("train", "--stream", "zs-bench", "--method", "simplecil", *TINY_BACKBONE_FLAGS, "--out", out)
+    assert refused.code == 2
+    assert refused.err.count("\n") == 1 and "zero-shot" in refused.err and "simplecil" in refused.err
+    assert not out.exists()
+    accepted = cli(
+        "train", "--stream", "zs-bench", "--method", "zero-shot-probe", *TINY_BACKBONE_FLAGS,
+        "--epochs", "1", "--num-workers", "0", "--out", tmp_path / "runs", "-q", "--json",
+    )  # fmt: skip
+    assert accepted.code == 0, accepted.err
+    assert accepted.json()["metrics"]["last"] is not None
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--init-classes", "2"], "--init-classes"),
+        (["--set", "stream.dataset_options={classes=3}"], "stream.members[i].options"),
+        (["--set", 'stream.members=[{dataset="imagenet-z"}]'], "unknown dataset 'imagenet-z'"),
+        (["--stream", "digits,,synthetic"], "empty dataset name"),
+    ],
+)
+def test_composite_bad_input_is_one_line(cli, data_root, tmp_path, flags, fragment):
+    stream = [] if "--stream" in flags else ["--stream", "digits,synthetic"]
+    result = cli("train", *stream, *flags, "--method", "simplecil", "--out", tmp_path)
+    assert result.code == 2 and result.err.count("\n") == 1 and fragment in result.err, result.err
+
+
+def test_capability_check_on_its_own():
+    from ntkcl.data.composite import Member, SimilarityMixing, StreamDefinition
+    from ntkcl.engine.builders import check_capabilities
+    from ntkcl.methods.simplecil import SimpleCIL
+
+    mixed = StreamDefinition("mixed", (Member("eurosat"),), mixing=SimilarityMixing(50))
+    with pytest.raises(BadInputError, match="mixes images of other tasks"):
+        check_capabilities(SimpleCIL, mixed, "class-incremental")
+    check_capabilities(ZeroShotProbe, None, "task-incremental")
