@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import ntkcl
 from ntkcl.config import OptimConfig, RunConfig, save_config
 from ntkcl.data.loaders import ImageDataset
-from ntkcl.data.manifest import atomic_write_text
 from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.data.transforms import build_transforms
@@ -39,6 +38,7 @@ from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evalu
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.progress import Reporter
 from ntkcl.errors import BadInputError, RunFailedError
+from ntkcl.files import atomic_write_text
 from ntkcl.methods.base import ContinualMethod, TaskInfo
 
 
