@@ -61,7 +61,7 @@ class StreamConfig(_Section):
     increment: int | None = Field(default=None, ge=1)
     class_order_seed: int | None = 0
     class_order: list[int] | None = None
-    augment: Literal["paper", "resize"] = "paper"
+    augment: Literal["paper", "resize", "clip"] = "paper"
     data_root: Path | None = None
 
 

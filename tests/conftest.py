@@ -64,6 +64,15 @@ def _few_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: the tiny SVDs, QRs and eigen-decompositions of subspace methods run far slower on two
+    threads of a busy machine than on one."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
 def data_root(tmp_path, monkeypatch):
     root = tmp_path / "data"
     monkeypatch.setenv("NTKCL_DATA_ROOT", str(root))

@@ -12,6 +12,8 @@ from ntkcl.models.clip import attention_context
 from ntkcl.models.heads import TextClassifier, clip_logits
 from tests.conftest import TINY_CLIP
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def clip():

@@ -7,6 +7,8 @@ import torch
 
 from ntkcl.models.subspace import energy_rank, gpm_update, gram, project_off, weight_basis
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _orthogonal(size: int, seed: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))

@@ -4,13 +4,15 @@
 train RandomResizedCrop(scale 0.05-1, ratio 3/4-4/3) + horizontal flip; test Resize(size * 256/224,
 bicubic) + CenterCrop(size). Both end in ToTensor with no mean/std (normalisation, when wanted, is done by
 the backbone). "resize" only resizes: for tiny images (digits, synthetic) where crops would destroy them.
+"clip" is CLIP's preprocessing, which ZSCL and KeepLoRA use for training and testing alike: Resize(size,
+bicubic) of the shorter side + CenterCrop(size), no augmentation.
 """
 
 from __future__ import annotations
 
 from torchvision import transforms as T
 
-AUGMENTATIONS = ("paper", "resize")
+AUGMENTATIONS = ("paper", "resize", "clip")
 
 
 def build_transforms(augment: str, image_size: int) -> tuple[T.Compose, T.Compose]:
@@ -31,6 +33,11 @@ def build_transforms(augment: str, image_size: int) -> tuple[T.Compose, T.Compos
             ]
         )
         return train, test
+    if augment == "clip":
+        plain = T.Compose(
+            [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size), T.ToTensor()]
+        )
+        return plain, plain
     if augment == "resize":
         plain = T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
         return plain, plain

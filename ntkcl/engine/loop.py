@@ -1,9 +1,10 @@
 """The task loop.
 
-For every task: reseed, `begin_task`, train with a new optimizer and cosine schedule (stepped per epoch) on
-the task's own data, `end_task` statistics, evaluate (`ntkcl.engine.evaluate`: all seen classes, or each
-task among its own classes, every task for a zero-shot method, which is also scored once before the first
-task), then write an atomic checkpoint and the metrics so far. Seeds are derived from (run seed, task index[, rank]), so a run resumed after task k
+For every task: reseed, `begin_task`, `prepare_task` on the task's images, train with a new optimizer and
+cosine schedule (stepped per epoch) on the task's own data, `end_task` statistics, evaluate
+(`ntkcl.engine.evaluate`: all seen classes, or each task among its own classes, every task for a zero-shot
+method, which is also scored once before the first task), then write an atomic checkpoint and the metrics so
+far. Seeds are derived from (run seed, task index[, rank]), so a run resumed after task k
 continues exactly as the uninterrupted run would have.
 """
 
@@ -243,6 +244,9 @@ class Trainer:
         seed_everything(derived_seed(config.runtime.seed, task.index))
         self.method.begin_task(task)
         self.method.to(ctx.device)
+        # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
+        with autocast_for(ctx.device, config.runtime.precision):
+            self.method.prepare_task(task, TaskImages(self.scoring, task))
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
         epochs = self._train(task)
         self.method.eval()

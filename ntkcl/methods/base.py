@@ -2,6 +2,7 @@
 
     begin_stream(tasks)           every task of the stream, once, before anything else (default: kept in `stream_tasks`)
     begin_task(task)              grow heads / make per-task modules before training a task
+    prepare_task(task, data)      statistics of the task's training images before training it (default: nothing)
     training_step(images, labels) -> StepOutput(loss, logs, batch_sum)   (also `forward`, so DDP can wrap the method)
     end_task(task, data)          statistics over the task's training images (prototypes, averages, bases)
     predict(images)               logits over every class seen so far; no task identity is given
@@ -212,6 +213,14 @@ class ContinualMethod(nn.Module, ABC):
         output = self.training_step(images, labels)
         batch_sum = output.loss.new_zeros(()) if output.batch_sum is None else output.batch_sum
         return output.loss, batch_sum, output.logs
+
+    def prepare_task(self, task: TaskInfo, data: TaskData) -> None:
+        """Look at the task's training images before training it (default: nothing).
+
+        Runs after `begin_task`, with gradients enabled and under the run's autocast, for methods whose
+        initialisation depends on the data (KeepLoRA's gradient estimate and LoRA initialisation). Every
+        process must end in the same state: reduce through `data.all_reduce_sum`.
+        """
 
     @torch.no_grad()
     def end_task(self, task: TaskInfo, data: TaskData) -> None:

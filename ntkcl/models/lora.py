@@ -332,6 +332,13 @@ def attach_weight_delta(
     return delta
 
 
+def detach_weight_delta(module: nn.Module, name: str) -> None:
+    """Drop any parametrization of `module.<name>`, restoring the original weight (a new method on a backbone
+    that an earlier one adapted starts from the pre-trained weights)."""
+    if parametrize.is_parametrized(module, name):
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+
+
 def weight_delta_of(module: nn.Module, name: str) -> WeightDelta | None:
     """The `WeightDelta` attached to `module.<name>`, if any."""
     if not parametrize.is_parametrized(module, name):
