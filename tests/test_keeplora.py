@@ -3,12 +3,11 @@ initialisation, function-preserving offset, updates in span(A), merge, feature s
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ntkcl.methods.base import TaskInfo
 from ntkcl.methods.keeplora import FeatureStatistics, KeepLoRA, KeepLoRAParams, KeepLoRAPlus, KeepLoRAPlusParams
 from ntkcl.models.backbone import create_backbone
 from ntkcl.models.heads import clip_logits
@@ -18,16 +17,9 @@ from tests.conftest import TINY_CLIP
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_task(index: int, known: int, size: int):
-    return SimpleNamespace(
-        index=index,
-        known_classes=known,
-        num_new_classes=size,
-        classes=range(known, known + size),
-        total_classes=known + size,
-        class_names=tuple(f"thing {known + k}" for k in range(size)),
-        templates=("a photo of a {}.", "a {}."),
-    )
+def make_task(index: int, known: int, size: int) -> TaskInfo:
+    names = tuple(f"thing {known + k}" for k in range(size))
+    return TaskInfo(index, 2, known, size, class_names=names, templates=("a photo of a {}.", "a {}."))
 
 
 class FakeData:
