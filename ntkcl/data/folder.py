@@ -111,6 +111,31 @@ def stratified_split(rows: Rows, num_classes: int, test_fraction: float, seed: i
     return train, test
 
 
+def torch_random_split(rows: Rows, train_fraction: float, seed: int) -> tuple[Rows, Rows, dict[str, Any]]:
+    """ZSCL's split of EuroSAT, Caltech101 and SUN397, made reproducible.
+
+    The rows in ImageFolder order (label, then path: a sorted listing, whatever the file system returns) are
+    permuted by `torch.randperm(n, generator=torch.Generator().manual_seed(seed))`, which is what
+    `torch.utils.data.random_split(dataset, [int(f * n), n - int(f * n)], generator)` does; the first
+    `int(f * n)` are train. The recipe records the test indices into that order, so a prepared folder never
+    depends on the torch RNG again.
+    """
+    import torch
+
+    ordered = sorted(rows, key=lambda row: (row[1], row[0]))
+    permutation = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(train_fraction * len(ordered))
+    recipe = {
+        "recipe": "torch.utils.data.random_split over ImageFolder order (label, then sorted path) with "
+        "torch.Generator().manual_seed(seed) (ZSCL); test_indices index that order",
+        "seed": seed,
+        "train_fraction": train_fraction,
+        "torch_version": torch.__version__,
+        "test_indices": sorted(permutation[cut:]),
+    }
+    return [ordered[i] for i in permutation[:cut]], [ordered[i] for i in permutation[cut:]], recipe
+
+
 def copy_image_tree(source: Path, destination: Path) -> None:
     """Copy the images (and their folders) of `source` into `destination`, skipping hidden and system files."""
 

@@ -113,8 +113,16 @@ class Samples:
         )
 
 
+def image_array(path: Path) -> np.ndarray:
+    """The images of an array file: `images` of an `.npz`, or a memory-mapped `.npy` (for large datasets)."""
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    with np.load(path) as archive:
+        return archive["images"]
+
+
 def samples_from_manifest(dataset_dir: Path, manifest: Manifest, split: str) -> Samples:
-    """Resolve a manifest split into Samples (`file.npz#i` rows address arrays inside `file.npz`)."""
+    """Resolve a manifest split into Samples (`file.npz#i` / `file.npy#i` rows address image i of an array file)."""
     rows = manifest.splits.get(split)
     if rows is None:
         raise KeyError(f"{manifest.dataset} has no split {split!r} (has {sorted(manifest.splits)})")
@@ -125,8 +133,7 @@ def samples_from_manifest(dataset_dir: Path, manifest: Manifest, split: str) -> 
         for relative, _ in rows:
             file_name, index = relative.rsplit("#", 1)
             if file_name not in array_files:
-                with np.load(dataset_dir / file_name) as archive:
-                    array_files[file_name] = archive["images"]
+                array_files[file_name] = image_array(dataset_dir / file_name)
             images.append(array_files[file_name][int(index)])
         return Samples(labels=labels, arrays=np.stack(images), class_names=manifest.classes)
     return Samples(labels=labels, paths=[dataset_dir / relative for relative, _ in rows], class_names=manifest.classes)

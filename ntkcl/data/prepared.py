@@ -217,6 +217,13 @@ class PreparedDataset(DatasetPlugin):
         raise BadInputError(f"--from {directory}: holds none of the files {self.name} needs ({names})")
 
 
+def require_listed_files(stage: Path, rows: list[tuple[str, int]], source: str) -> None:
+    """A one-line BadInputError when a split lists files that the extracted `source` does not hold."""
+    missing = [path for path, _ in rows if not (stage / path).is_file()]
+    if missing:
+        raise BadInputError(f"{source} lacks {len(missing)} listed image(s), e.g. {missing[0]}")
+
+
 def _archive_kind(name: str) -> str:
     lowered = name.lower()
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip", ".txt"):

@@ -3,7 +3,7 @@
 `prepare` downloads the python tarball (md5 pinned), reads its pickles and stores the images as two uint8
 arrays, `train.npz` and `test.npz` (N x 32 x 32 x 3, key `images`); manifest rows are `train.npz#00017`.
 The tarball's pickles are read only after the archive matched its md5. Base labels are the official
-`fine_labels` (the alphabetical order of `fine_label_names`).
+`fine_labels` (the alphabetical order of `fine_label_names`). Prompt templates: CLIP's (arXiv 2103.00020).
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ class Cifar100(PreparedDataset):
     files = (TARBALL,)
     default_init_classes = 10
     default_increment = 10
+    templates = (
+        "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+        "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+        "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
+        "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
+        "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
+        "a photo of the small {}.", "a photo of the big {}.",
+    )  # fmt: skip
 
     def build(self, stage: Path, inputs: Inputs) -> Layout:
         raw = stage / ".raw"

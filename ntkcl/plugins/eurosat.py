@@ -1,12 +1,9 @@
 """EuroSAT RGB (Helber et al., 2019): 27,000 Sentinel-2 64x64 images of 10 land-cover classes.
 
 `prepare` downloads the torchvision archive (md5 and sha256 pinned) and makes the 80/20 split of ZSCL and
-KeepLoRA: the images in ImageFolder order (sorted class folders, sorted files) are permuted by
-`torch.randperm(n, generator=torch.Generator().manual_seed(42))`, which is what
-`torch.utils.data.random_split(dataset, [int(0.8 * n), n - int(0.8 * n)], generator)` does, and the first
-`int(0.8 * n)` are train (21,600 / 5,400). The resulting lists are in the manifest and the test indices
-(into the ImageFolder order) in its `extra.split.test_indices`, so a prepared folder never depends on the
-torch RNG again. NTK-CL's own folders (undocumented split) can be imported with `--from DIR` holding
+KeepLoRA with seed 42 (`ntkcl.data.folder.torch_random_split`: 21,600 / 5,400). The resulting lists are in
+the manifest and the test indices in its `extra.split.test_indices`. Prompt names and templates are CLIP's
+(Radford et al., arXiv 2103.00020), which ZSCL and KeepLoRA use. NTK-CL's own folders (undocumented split) can be imported with `--from DIR` holding
 `train/` and `test/`.
 """
 
@@ -14,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ntkcl.data.folder import FolderDataset, Rows
+from ntkcl.data.folder import FolderDataset, Rows, torch_random_split
 from ntkcl.data.plugin import RemoteFile
 
 ARCHIVE = RemoteFile(
@@ -58,23 +55,19 @@ class EuroSAT(FolderDataset):
     default_increment = 2
     train_fraction = 0.8
     split_seed = 42
+    templates = (
+        "a centered satellite photo of {}.",
+        "a centered satellite photo of a {}.",
+        "a centered satellite photo of the {}.",
+    )
+    prompt_names = (
+        "annual crop land", "forest", "brushland or shrubland", "highway or road",
+        "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
+        "residential buildings or homes or apartments", "river", "lake or sea",
+    )  # fmt: skip
 
     def derive_split(self, rows: Rows, classes: list[str]) -> tuple[Rows, Rows, dict[str, Any]]:
-        import torch
-
-        ordered = sorted(rows, key=lambda row: (row[1], row[0]))
-        generator = torch.Generator().manual_seed(self.split_seed)
-        permutation = torch.randperm(len(ordered), generator=generator).tolist()
-        cut = int(self.train_fraction * len(ordered))
-        recipe = {
-            "recipe": "torch.utils.data.random_split over ImageFolder order with "
-            "torch.Generator().manual_seed(seed) (ZSCL); test_indices index that order",
-            "seed": self.split_seed,
-            "train_fraction": self.train_fraction,
-            "torch_version": torch.__version__,
-            "test_indices": sorted(permutation[cut:]),
-        }
-        return [ordered[i] for i in permutation[:cut]], [ordered[i] for i in permutation[cut:]], recipe
+        return torch_random_split(rows, self.train_fraction, self.split_seed)
 
 
 plugin = EuroSAT()

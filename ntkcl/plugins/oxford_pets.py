@@ -4,7 +4,7 @@
 from `annotations/trainval.txt` (train) and `annotations/test.txt` (test), whose lines are
 `image_id class_id species breed_id`. Base labels are the official class ids minus one, i.e. the
 case-insensitive alphabetical order of the breed names, as in torchvision's `OxfordIIITPet` (ImageFolder
-order would put the 12 capitalised cat breeds first).
+order would put the 12 capitalised cat breeds first). Prompt template: CLIP's (arXiv 2103.00020).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ntkcl.data.extract import extract_archive
 from ntkcl.data.plugin import RemoteFile
-from ntkcl.data.prepared import Inputs, Layout, PreparedDataset
+from ntkcl.data.prepared import Inputs, Layout, PreparedDataset, require_listed_files
 from ntkcl.errors import BadInputError
 
 BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
@@ -66,6 +66,7 @@ class OxfordPets(PreparedDataset):
     files = (IMAGES, ANNOTATIONS)
     default_init_classes = 7
     default_increment = 5
+    templates = ("a photo of a {}, a type of pet.",)
 
     def build(self, stage: Path, inputs: Inputs) -> Layout:
         for remote in self.files:
@@ -76,9 +77,7 @@ class OxfordPets(PreparedDataset):
             if not listing.is_file():
                 raise BadInputError(f"{ANNOTATIONS.name} lacks annotations/{list_name}")
             rows = [(f"images/{image_id}.jpg", label) for image_id, label in _read_list(listing)]
-            missing = [path for path, _ in rows if not (stage / path).is_file()]
-            if missing:
-                raise BadInputError(f"{IMAGES.name} lacks {len(missing)} listed image(s), e.g. {missing[0]}")
+            require_listed_files(stage, rows, IMAGES.name)
             for image_id, label in _read_list(listing):
                 if not 0 <= label < self.num_classes or image_id.rsplit("_", 1)[0] != CLASS_NAMES[label]:
                     raise BadInputError(f"annotations/{list_name}: {image_id} has an unexpected class id {label + 1}")
