@@ -57,6 +57,14 @@ def composite_run(method: str, *extra) -> list:
     ]
 
 
+def zs_bench_run(*extra) -> list:
+    """The third-party stream `zs-bench` with the zero-shot test method."""
+    return [
+        "train", "--stream", "zs-bench", "--method", "zero-shot-probe", *TINY_BACKBONE_FLAGS,
+        "--epochs", "1", "--batch-size", "32", "--num-workers", "0", "-q", "--json", *extra,
+    ]  # fmt: skip
+
+
 def make_distribution(site: Path, name: str, module: str, source: str, entry_points: str) -> None:
     (site / f"{module}.py").write_text(source)
     info = site / f"{name}-1.0.dist-info"
@@ -67,14 +75,22 @@ def make_distribution(site: Path, name: str, module: str, source: str, entry_poi
 
 STREAM_SOURCE = textwrap.dedent(
     """
-    from ntkcl.data.composite import Member, StreamDefinition
+    from ntkcl.data.composite import Member, SimilarityMixing, StreamDefinition
 
     members = tuple(Member("synthetic", {"classes": c, "per_class": 10, "seed": s}) for s, c in ((1, 3), (2, 5), (3, 4)))
     benchmark = StreamDefinition(
         "zs-bench", members, scenario="task-incremental", requires_zero_shot=True,
         description="three generated datasets, task-incremental, zero-shot scored",
     )
+    mixed = StreamDefinition(
+        "mixed-bench", members, mixing=SimilarityMixing(50, seed=3, groups={"synthetic": "generated"}),
+    )
+    missing = StreamDefinition("half-missing", (Member("digits"), Member("eurosat")))
     """
+)
+ENTRY_POINTS = (
+    "[ntkcl.streams]\nzs-bench = ntkcl_zs_bench:benchmark\nmixed-bench = ntkcl_zs_bench:mixed\n"
+    "half-missing = ntkcl_zs_bench:missing\n"
 )
 
 
@@ -83,13 +99,7 @@ def extensions(tmp_path, monkeypatch):
     """A third-party stream (`zs-bench`) and the zero-shot test method, installed as distributions."""
     site = tmp_path / "site"
     site.mkdir()
-    make_distribution(
-        site,
-        "ntkcl_zs_bench",
-        "ntkcl_zs_bench",
-        STREAM_SOURCE,
-        "[ntkcl.streams]\nzs-bench = ntkcl_zs_bench:benchmark\n",
-    )
+    make_distribution(site, "ntkcl_zs_bench", "ntkcl_zs_bench", STREAM_SOURCE, ENTRY_POINTS)
     make_distribution(
         site, "ntkcl_probe", "ntkcl_probe", "from tests._zero_shot_probe import ZeroShotProbe\n",
         "[ntkcl.methods]\nzero-shot-probe = ntkcl_probe:ZeroShotProbe\n",
@@ -152,7 +162,7 @@ def test_task_incremental_scores_each_task_among_its_own_classes(cli, data_root,
 def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(
     cli, data_root, extensions, tmp_path, monkeypatch
 ):
-    reference = cli(*composite_run("zero-shot-probe", "--scenario", "task-incremental", "--out", tmp_path / "ref"))
+    reference = cli(*zs_bench_run("--out", tmp_path / "ref"))
     assert reference.code == 0, reference.err
     metrics = reference.json()["metrics"]
     assert len(metrics["zero_shot_accuracy"]) == 3 and all(len(row) == 3 for row in metrics["accuracy_matrix"])
@@ -169,7 +179,7 @@ def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(
         return original(self, task)
 
     monkeypatch.setattr(ZeroShotProbe, "begin_task", crash_on_last_task)
-    crashed = cli(*composite_run("zero-shot-probe", "--scenario", "task-incremental", "--out", tmp_path / "crash"))
+    crashed = cli(*zs_bench_run("--out", tmp_path / "crash"))
     assert crashed.code == 1
     run = next((tmp_path / "crash").iterdir())
     assert (run / rundir.ZERO_SHOT_FILE).is_file()
@@ -183,18 +193,36 @@ def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(
     assert evaluated.code == 0, evaluated.err and evaluated.json()["matches_training"] is True
 
 
-def test_methods_declare_what_they_can_run(cli, data_root, extensions, tmp_path):
-    out = tmp_path / "refused"
-    refused = cli("train", "--stream", "zs-bench", "--method", "simplecil", *TINY_BACKBONE_FLAGS, "--out", out)
-    assert refused.code == 2
-    assert refused.err.count("\n") == 1 and "zero-shot" in refused.err and "simplecil" in refused.err
+@pytest.mark.parametrize(
+    ("stream", "method", "fragment"),
+    [
+        ("zs-bench", "simplecil", "cannot classify a task it has not trained"),
+        ("mtil-order1", "finetune", "zero-shot transfer"),
+        ("vtab-sim50", "simplecil", "mixes images of other tasks"),
+        ("half-missing", "simplecil", "not prepared"),
+    ],
+)
+def test_streams_a_method_cannot_run_exit_2_before_anything(
+    cli, data_root, extensions, tmp_path, stream, method, fragment
+):
+    out = tmp_path / "runs"
+    refused = cli("train", "--stream", stream, "--method", method, *TINY_BACKBONE_FLAGS, "--out", out)
+    assert refused.code == 2 and refused.err.count("\n") == 1 and fragment in refused.err, refused.err
     assert not out.exists()
-    accepted = cli(
-        "train", "--stream", "zs-bench", "--method", "zero-shot-probe", *TINY_BACKBONE_FLAGS,
-        "--epochs", "1", "--num-workers", "0", "--out", tmp_path / "runs", "-q", "--json",
-    )  # fmt: skip
-    assert accepted.code == 0, accepted.err
-    assert accepted.json()["metrics"]["last"] is not None
+
+
+def test_datasets_lists_streams_and_their_missing_members(cli, data_root, extensions):
+    listing = cli("datasets", "--json")
+    assert listing.code == 0, listing.err
+    streams = {row["name"]: row for row in listing.json()["streams"]}
+    assert streams["zs-bench"]["distribution"] == "ntkcl_zs_bench" and streams["zs-bench"]["status"] == "ready"
+    assert streams["zs-bench"]["classes"] == 12 and streams["zs-bench"]["zero_shot_required"]
+    assert streams["half-missing"]["missing"] == ["eurosat (not prepared)"]
+    assert streams["mtil-order2"]["tasks"] == 11 and streams["mtil-order2"]["classes"] == 1201
+    assert streams["vtab5t-large"]["classes"] == 196 and streams["vtab-sim75"]["mixing"] == "VTAB-Sim75"
+    assert [m["dataset"] for m in streams["mtil-order1"]["members"]][:3] == ["fgvc-aircraft", "caltech101", "cifar100"]
+    human = cli("datasets")
+    assert "mixed-bench" in human.out and "Composite streams" in human.out
 
 
 @pytest.mark.parametrize(
@@ -221,3 +249,43 @@ def test_capability_check_on_its_own():
     with pytest.raises(BadInputError, match="mixes images of other tasks"):
         check_capabilities(SimpleCIL, mixed, "class-incremental")
     check_capabilities(ZeroShotProbe, None, "task-incremental")
+
+
+def test_sims_rule_proportions_and_determinism():
+    from ntkcl.data.stream import mix_training_sets
+
+    sizes, groups = [100, 50, 40, 30, 70], ["s", "n", "n", "s", "s"]  # VTAB5T's groups
+    plan = mix_training_sets(sizes, groups, similarity=50, seed=0)
+    counts = [[(source, len(indices)) for source, indices in parts] for parts in plan]
+    # Task 0 keeps 50 of 100 and takes 25 from each of tasks 3 and 4; task 3 keeps 15 of 30, then 7 + 8.
+    assert counts[0] == [(0, 50), (3, 25), (4, 25)] and counts[3] == [(3, 15), (0, 7), (4, 8)]
+    assert counts[1] == [(1, 25), (2, 25)] and counts[2] == [(2, 20), (1, 20)]
+    for parts in plan:
+        for source, indices in parts:
+            assert len(set(indices.tolist())) == len(indices) and indices.max() < sizes[source]
+    assert [[i.tolist() for _, i in p] for p in plan] == [
+        [i.tolist() for _, i in p] for p in mix_training_sets(sizes, groups, 50, seed=0)
+    ]
+    assert plan[0][1][1].tolist() != mix_training_sets(sizes, groups, 50, seed=1)[0][1][1].tolist()
+    alone = mix_training_sets([100, 10], ["a", "a"], similarity=75, seed=0)
+    assert [len(i) for _, i in alone[0]] == [25, 10]  # a source smaller than its share gives all it has
+    assert [len(i) for _, i in mix_training_sets([5, 6], ["a", None], 50, 0)[1]] == [6]
+
+
+def test_mixed_stream_records_its_file_list(cli, data_root, extensions, tmp_path):
+    result = cli(
+        "train", "--stream", "mixed-bench", "--method", "zero-shot-probe", *TINY_BACKBONE_FLAGS,
+        "--epochs", "1", "--num-workers", "0", "--out", tmp_path / "runs", "-q", "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    run = next((tmp_path / "runs").iterdir())
+    rows = [line.split("\t") for line in (run / rundir.TRAIN_FILES_FILE).read_text().splitlines()]
+    # 24, 40 and 32 training images; each task keeps half of its own and takes the rest from the other two.
+    own = [(3 * 0, 3), (3, 8), (8, 12)]
+    for task, (first, last) in enumerate(own):
+        labels = [int(label) for t, _, _, label in rows if int(t) == task]
+        assert len(labels) == [24, 40, 32][task]
+        assert sum(first <= label < last for label in labels) == [12, 20, 16][task]
+    record = json.loads((run / "run.json").read_text())
+    assert len(record["dataset"]["train_files_sha256"]) == 64 and len(record["dataset"]["members"]) == 3
+    assert rows[0][2].startswith("images.npz#")

@@ -51,6 +51,18 @@ def stream_definition(config: RunConfig) -> StreamDefinition | None:
     raise BadInputError(f"unknown dataset {name!r} (nor a composite stream); datasets: {datasets}; streams: {streams}")
 
 
+def member_plugins(definition: StreamDefinition, root: Path) -> list[DatasetPlugin]:
+    """The configured plugin of each member; one line naming every member that still needs `ntkcl prepare`."""
+    plugins = [get_dataset(member.dataset).configure(**member.options) for member in definition.members]
+    unprepared = sorted({p.name for p in plugins if p.needs_download and not p.is_prepared(root)})
+    if unprepared:
+        raise BadInputError(
+            f"stream {definition.name} needs datasets that are not prepared under {root}: {', '.join(unprepared)}; "
+            f"run `ntkcl prepare NAME` for each (`ntkcl datasets` lists what is missing)"
+        )
+    return plugins
+
+
 def check_capabilities(method: type[ContinualMethod], definition: StreamDefinition | None, scenario: str) -> None:
     """Exit 2 before anything runs when the method cannot run this stream the way it has to be run."""
     if scenario not in method.scenarios:
@@ -105,14 +117,14 @@ def complete_config(config: RunConfig) -> RunConfig:
         resolved.stream.scenario = config.stream.scenario or CLASS_INCREMENTAL
     else:
         _check_composite_settings(config.stream)
-        for member in definition.members:
-            get_dataset(member.dataset).configure(**member.options)
         resolved.stream.members = [
             StreamMember(dataset=member.dataset, options=dict(member.options)) for member in definition.members
         ]
         resolved.stream.class_order_seed = None
         resolved.stream.scenario = config.stream.scenario or definition.scenario
     check_capabilities(method, definition, resolved.stream.scenario)
+    if definition is not None:
+        member_plugins(definition, data_root(config))
     if resolved.runtime.num_workers is None:
         resolved.runtime.num_workers = min(4, os.cpu_count() or 1)
     resolved.method.params = validate_params(method, config.method.params).model_dump(mode="json")
@@ -196,9 +208,9 @@ def build_stream(config: RunConfig, ctx: DistributedContext) -> tuple[Stream, St
         )
         member = {"dataset": plugin.name, "options": config.stream.dataset_options, "manifest_sha256": manifest.sha256}
         return stream, StreamProvenance(config.stream.dataset, [member])
+    plugins = member_plugins(definition, root)
     sources, members = [], []
-    for member in definition.members:
-        plugin = get_dataset(member.dataset).configure(**member.options)
+    for member, plugin in zip(definition.members, plugins):
         manifest = prepared_manifest(plugin, root, ctx)
         train = plugin.load(root, "train")
         rows = manifest.splits["train"]
