@@ -157,6 +157,12 @@ def test_task_incremental_scores_each_task_among_its_own_classes(cli, data_root,
     record = json.loads((run / "run.json").read_text())
     assert record["scenario"] == "task-incremental" and record["task_sizes"] == list(SIZES)
     assert run.name.startswith("three-synthetic-simplecil-")
+    exported = cli("export", run, "--out", tmp_path / "export", "--json")
+    assert exported.code == 0, exported.err
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "task-incremental, one dataset per task (synthetic, synthetic, synthetic)" in card
+    document = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert [m["options"]["classes"] for m in document["stream"]["members"]] == list(SIZES)
 
 
 def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(

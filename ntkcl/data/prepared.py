@@ -224,6 +224,16 @@ def require_listed_files(stage: Path, rows: list[tuple[str, int]], source: str) 
         raise BadInputError(f"{source} lacks {len(missing)} listed image(s), e.g. {missing[0]}")
 
 
+def read_mat(path: Path, key: str):
+    """Variable `key` of a MATLAB file, squeezed (scipy); a one-line BadInputError when it cannot be read."""
+    from scipy.io import loadmat
+
+    try:
+        return loadmat(path, squeeze_me=True)[key]
+    except (ValueError, KeyError, OSError) as error:
+        raise BadInputError(f"{path.name} has no readable {key!r} ({error})") from error
+
+
 def _archive_kind(name: str) -> str:
     lowered = name.lower()
     for suffix in (".tar.gz", ".tgz", ".tar", ".zip", ".txt"):

@@ -164,9 +164,8 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
         method.begin_stream(stream.tasks())
         return method
 
-    zero_shot = None
-    if evaluates_untrained_tasks(fresh_method(), stream):
-        zero_shot = evaluate(fresh_method().to(ctx.device), scoring, None)
+    initial = fresh_method()
+    zero_shot = evaluate(initial.to(ctx.device), scoring, None) if evaluates_untrained_tasks(initial, stream) else None
     rows = []
     for index, checkpoint in enumerate(checkpoints):
         state, _ = rundir.load_checkpoint(checkpoint)

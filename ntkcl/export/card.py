@@ -82,6 +82,21 @@ def card_is_generated(text: str) -> bool:
     return match is not None and match.group(1) == card_digest(text)
 
 
+def _protocol(document: dict) -> str:
+    """How the stream was cut into tasks: by classes of one dataset, or one dataset per task."""
+    stream = document["stream"]
+    members = stream.get("members")
+    if members:
+        datasets = ", ".join(member["dataset"] for member in members)
+        return (
+            f"Protocol: {document['protocol']}, one dataset per task ({datasets}); task sizes {document['task_sizes']}."
+        )
+    return (
+        f"Protocol: init {stream['init_classes']} classes, then {stream['increment']} per task; task sizes "
+        f"{document['task_sizes']}; class-order seed {stream['class_order_seed']}."
+    )
+
+
 def render_card(document: dict, metrics: dict, license_id: str = "other", repo_id: str | None = None) -> str:
     """The README.md model card of an export (deterministic: the same run renders the same card)."""
     method, dataset = document["method"], document["stream"]["dataset"]
@@ -119,9 +134,7 @@ def render_card(document: dict, metrics: dict, license_id: str = "other", repo_i
         "",
         status,
         "",
-        f"Protocol: init {document['stream']['init_classes']} classes, then {document['stream']['increment']} "
-        f"per task; task sizes {document['task_sizes']}; class-order seed "
-        f"{document['stream']['class_order_seed']}. The file `{WEIGHTS_NAME}` holds only what the method "
+        f"{_protocol(document)} The file `{WEIGHTS_NAME}` holds only what the method "
         "learned (adapters, heads, prototypes, ...); the backbone is loaded from timm and checked by sha256.",
     ]
     usage = [

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ntkcl.data.extract import extract_archive
 from ntkcl.data.plugin import RemoteFile
-from ntkcl.data.prepared import Inputs, Layout, PreparedDataset, require_listed_files
+from ntkcl.data.prepared import Inputs, Layout, PreparedDataset, read_mat, require_listed_files
 from ntkcl.errors import BadInputError
 
 BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
@@ -59,13 +61,8 @@ CLASS_NAMES = (
 )  # fmt: skip
 
 
-def _mat_vector(path: Path, key: str):
-    from scipy.io import loadmat
-
-    try:
-        return loadmat(path)[key].reshape(-1).astype(int)
-    except (ValueError, KeyError, OSError) as error:
-        raise BadInputError(f"{path.name} has no readable {key!r} array ({error})") from error
+def _mat_vector(path: Path, key: str) -> np.ndarray:
+    return np.atleast_1d(read_mat(path, key)).astype(int)
 
 
 class Flowers102(PreparedDataset):

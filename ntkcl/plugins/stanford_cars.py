@@ -16,7 +16,7 @@ import numpy as np
 
 from ntkcl.data.extract import extract_archive
 from ntkcl.data.plugin import RemoteFile
-from ntkcl.data.prepared import Inputs, Layout, PreparedDataset, require_listed_files
+from ntkcl.data.prepared import Inputs, Layout, PreparedDataset, read_mat, require_listed_files
 from ntkcl.errors import BadInputError
 
 WHERE = "an original copy (the ai.stanford.edu site is gone; mirrors exist, e.g. on Kaggle)"
@@ -36,15 +36,6 @@ TEST_LABELS = RemoteFile(
     "cars_test_annos_withlabels.mat", None, 185_758, md5="b0a2b23655a3edd16d84508592a98d10",
     sha256="790f75be8ea34eeded134cc559332baf23e30e91367e9ddca97d26ed9b895f05", instructions=WHERE,
 )  # fmt: skip
-
-
-def _load_mat(path: Path, key: str):
-    from scipy.io import loadmat
-
-    try:
-        return loadmat(path, squeeze_me=True)[key]
-    except (ValueError, KeyError, OSError) as error:
-        raise BadInputError(f"{path.name} has no readable {key!r} ({error})") from error
 
 
 class StanfordCars(PreparedDataset):
@@ -77,12 +68,12 @@ class StanfordCars(PreparedDataset):
     def build(self, stage: Path, inputs: Inputs) -> Layout:
         for remote in (TRAIN, TEST, DEVKIT):
             extract_archive(inputs.archives[remote.name], stage)
-        classes = [str(name) for name in _load_mat(stage / "devkit" / "cars_meta.mat", "class_names")]
+        classes = [str(name) for name in read_mat(stage / "devkit" / "cars_meta.mat", "class_names")]
         if len(classes) != self.num_classes:
             raise BadInputError(f"devkit/cars_meta.mat names {len(classes)} classes, expected {self.num_classes}")
         annotations = {
-            "train": (_load_mat(stage / "devkit" / "cars_train_annos.mat", "annotations"), "cars_train"),
-            "test": (_load_mat(inputs.archives[TEST_LABELS.name], "annotations"), "cars_test"),
+            "train": (read_mat(stage / "devkit" / "cars_train_annos.mat", "annotations"), "cars_train"),
+            "test": (read_mat(inputs.archives[TEST_LABELS.name], "annotations"), "cars_test"),
         }
         splits = {}
         for split, (records, folder) in annotations.items():
