@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ntkcl.data.scenarios import SCENARIOS
 from ntkcl.errors import BadInputError
@@ -83,10 +83,18 @@ class MethodConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class OptimConfig(_Section):
-    """Per-task optimisation: a new optimizer and cosine schedule (stepped per epoch) for every task."""
+TORCH_OPTIMIZERS = ("sgd", "adam", "adamw")
 
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+
+class OptimConfig(_Section):
+    """Per-task optimisation: a new optimizer and schedule for every task.
+
+    The defaults are the papers' (torch optimizer, cosine schedule stepped per epoch). timm's options are
+    opt-in: `warmup_epochs`, `sched_on_updates`, `clip_grad`, `accumulation_steps`, `layer_decay`,
+    `weight_decay_exclude_1d` and any timm optimizer name (see `ntkcl/engine/optim.py`).
+    """
+
+    optimizer: str = Field(default="sgd", description="sgd, adam, adamw (torch), or a timm optimizer name")
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -95,6 +103,37 @@ class OptimConfig(_Section):
     eval_batch_size: int = Field(default=128, ge=1)
     scheduler: Literal["cosine", "constant"] = "cosine"
     min_lr: float = Field(default=0.0, ge=0)
+    warmup_epochs: int = Field(default=0, ge=0, description="linear warm-up from warmup_lr (timm scheduler)")
+    warmup_lr: float = Field(default=1e-5, ge=0)
+    sched_on_updates: bool = Field(default=False, description="step the schedule after every optimizer update")
+    clip_grad: float | None = Field(default=None, gt=0, description="gradient clipping threshold")
+    clip_mode: Literal["norm", "value", "agc"] = "norm"
+    accumulation_steps: int = Field(
+        default=1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch of a step"
+    )
+    layer_decay: float | None = Field(default=None, gt=0, le=1, description="layer-wise learning-rate decay")
+    weight_decay_exclude_1d: bool = Field(default=False, description="no weight decay on 1-D parameters and biases")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        value = value.lower()
+        if value in TORCH_OPTIMIZERS:
+            return value
+        from timm.optim import list_optimizers
+
+        if value not in list_optimizers():
+            raise ValueError("must be sgd, adam, adamw or a timm optimizer (timm.optim.list_optimizers())")
+        return value
+
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> OptimConfig:
+        if self.batch_size % self.accumulation_steps:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split into accumulation_steps={self.accumulation_steps} "
+                "equal micro-batches"
+            )
+        return self
 
 
 class RuntimeConfig(_Section):
@@ -106,6 +145,9 @@ class RuntimeConfig(_Section):
     num_workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null = min(4, CPUs)")
     gpus: list[int] | None = None
     nproc: int = Field(default=1, ge=1)
+    snapshot_epochs: int = Field(
+        default=1, ge=0, description="save a resumable in-task snapshot every N epochs (0: only on Ctrl+C / SIGTERM)"
+    )
 
     @field_validator("device")
     @classmethod

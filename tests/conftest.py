@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 
@@ -89,19 +91,21 @@ class CliResult:
         return json.loads(self.out)
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run `ntkcl ARGS...` in-process; returns exit code, stdout and stderr."""
+def run_cli(*args) -> CliResult:
+    """Run `ntkcl ARGS...` in this process; returns exit code, stdout and stderr."""
     from ntkcl.cli import main
 
-    def run(*args: str) -> CliResult:
-        capsys.readouterr()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main([str(a) for a in args])
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
-    return run
+
+@pytest.fixture
+def cli():
+    """`run_cli` as a fixture."""
+    return run_cli

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ntkcl.engine import rundir
 from ntkcl.engine.launch import free_port
-from ntkcl.engine.loop import ShardedBatches
+from ntkcl.engine.training import ShardedBatches
 from tests.conftest import tiny_digits_run
 
 RUN = tiny_digits_run(init_classes=5, increment=5)

@@ -176,7 +176,7 @@ def train(
         result = launch(config, out, run_dir, reporter)
     except KeyboardInterrupt:
         where = reporter.run_dir or "the run directory"
-        _common.fail(f"interrupted; finished tasks are saved; continue with `ntkcl train --resume {where}`", 130)
+        _common.fail(f"interrupted; progress is saved; continue with `ntkcl train --resume {where}`", 130)
     if not result.main_process:  # under torchrun, rank 0 alone prints the result
         return
     metrics = result.metrics

@@ -117,7 +117,7 @@ def plan_processes(config: RunConfig) -> LaunchPlan:
 
 
 def _check_method_and_batch(config: RunConfig, world_size: int) -> None:
-    from ntkcl.engine.loop import per_process_batch
+    from ntkcl.engine.training import per_process_batch
     from ntkcl.methods.registry import get_method
 
     method = get_method(config.method.name)
@@ -125,7 +125,7 @@ def _check_method_and_batch(config: RunConfig, world_size: int) -> None:
         raise BadInputError(
             f"method {config.method.name} does not support distributed training; run it with one process"
         )
-    per_process_batch(config.optim.batch_size, world_size)
+    per_process_batch(config.optim.batch_size, world_size, config.optim.accumulation_steps)
 
 
 def launch(config: RunConfig, out: Path, resume_dir: Path | None, reporter: Reporter):

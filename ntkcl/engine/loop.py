@@ -1,19 +1,18 @@
 """The task loop.
 
-For every task: reseed, `begin_task`, `prepare_task` on the task's images, train with a new optimizer and
-cosine schedule (stepped per epoch) on the task's own data, `end_task` statistics, evaluate
-(`ntkcl.engine.evaluate`: all seen classes, or each task among its own classes, every task for a zero-shot
-method, which is also scored once before the first task), then write an atomic checkpoint and the metrics so
-far. Seeds are derived from (run seed, task index[, rank]), so a run resumed after task k
+For every task: reseed, `begin_task`, `prepare_task` on the task's images, train on the task's own data
+(`ntkcl.engine.training`: a new optimizer and schedule per task, in-task snapshots), `end_task`
+statistics, evaluate (`ntkcl.engine.evaluate`: all seen classes, or each task among its own classes, every
+task for a zero-shot method, which is also scored once before the first task), then write an atomic
+checkpoint and the metrics so far, and drop the task's snapshots. Seeds are derived from the run seed and
+the position (`ntkcl.engine.seeding`), so a run resumed after task k, or from a snapshot inside task k,
 continues exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -23,12 +22,9 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import ntkcl
-from ntkcl.config import OptimConfig, RunConfig, save_config
-from ntkcl.data.loaders import ImageDataset
+from ntkcl.config import RunConfig, save_config
 from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.data.transforms import build_transforms
@@ -38,6 +34,8 @@ from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate, evaluates_untrained_tasks
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.progress import Reporter
+from ntkcl.engine.seeding import derived_seed, seed_everything
+from ntkcl.engine.training import TaskTraining
 from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.files import atomic_write_text
 from ntkcl.methods.base import ContinualMethod, TaskInfo
@@ -52,74 +50,6 @@ class RunResult:
     metrics: dict
     finished: bool
     main_process: bool = True
-
-
-def derived_seed(*keys: int) -> int:
-    """A 32-bit seed from a tuple of integers (run seed, task, rank...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(groups: list[dict], settings: OptimConfig) -> torch.optim.Optimizer:
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    optimizer = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.AdamW
-    return optimizer(groups, lr=settings.lr, weight_decay=settings.weight_decay)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimConfig):
-    if settings.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs, eta_min=settings.min_lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def per_process_batch(batch_size: int, world_size: int) -> int:
-    """The global batch size stays the configured one: each of N processes takes batch_size / N."""
-    if batch_size % world_size:
-        raise BadInputError(
-            f"the global batch size {batch_size} is not divisible by the {world_size} processes; "
-            f"give --batch-size a multiple of {world_size}"
-        )
-    return batch_size // world_size
-
-
-@dataclass(frozen=True)
-class ShardedBatches:
-    """Which images of each step are real under DistributedSampler(shuffle, drop_last=False).
-
-    The sampler pads the shuffled indices to a multiple of the world size by repeating the first ones, and
-    rank r takes padded positions r, r + W, r + 2W, ... Batch `step` of every rank together is then exactly
-    positions [step * B, (step + 1) * B) of the padded order, the single-process batch, plus the padding
-    that falls in the last step. Dropping that padding and weighting each rank's mean loss by its share of
-    the real images makes DDP's gradient average the single-process batch mean, for any number of processes.
-    """
-
-    size: int  # images of the task
-    batch_size: int  # global
-    world_size: int
-    rank: int
-
-    def real_on_rank(self, step: int) -> int:
-        """Real (non-padding) images at the front of this rank's batch `step`."""
-        per_process = self.batch_size // self.world_size
-        owned = (self.size - self.rank + self.world_size - 1) // self.world_size
-        return max(0, min((step + 1) * per_process, owned) - step * per_process)
-
-    def real_in_step(self, step: int) -> int:
-        return min(self.batch_size, self.size - step * self.batch_size)
-
-    def loss_weight(self, step: int) -> float:
-        """Factor on this rank's mean loss so that DDP's average over ranks is the mean over the step's images."""
-        return self.world_size * self.real_on_rank(step) / self.real_in_step(step)
-
-    def batch_sum_weight(self, step: int) -> float:
-        """Factor on this rank's batch-summed terms so that DDP's average over ranks is the step's sum."""
-        return self.world_size if self.real_on_rank(step) else 0.0
 
 
 def start_run(config: RunConfig, out: Path, ctx: DistributedContext) -> Path:
@@ -209,10 +139,13 @@ class Trainer:
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
         rows = self._restore() if resume else []
         started = time.perf_counter()
-        if resume and rows:
+        snapshot = rundir.latest_snapshot(self.run_dir, len(rows)) if resume else None
+        if snapshot is not None:
+            self.reporter.message(f"resuming {self.run_dir.name} from snapshot {snapshot.name}")
+        elif resume and rows:
             self.reporter.message(f"resuming {self.run_dir.name} after task {len(rows)}/{self.stream.num_tasks}")
         for task in self.stream.tasks()[len(rows) :]:
-            rows.append(self._run_task(task))
+            rows.append(self._run_task(task, snapshot if task.index == len(rows) else None))
         matrix = AccuracyMatrix.from_rows(rows, self.zero_shot) if rows else None
         metrics = {}
         if ctx.is_main and matrix is not None:
@@ -238,7 +171,7 @@ class Trainer:
         self.ctx.barrier()
         return counts
 
-    def _run_task(self, task: TaskInfo) -> list[tuple[int, int]]:
+    def _run_task(self, task: TaskInfo, snapshot: Path | None) -> list[tuple[int, int]]:
         ctx, config = self.ctx, self.config
         started = time.perf_counter()
         seed_everything(derived_seed(config.runtime.seed, task.index))
@@ -247,8 +180,8 @@ class Trainer:
         # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
         with autocast_for(ctx.device, config.runtime.precision):
             self.method.prepare_task(task, TaskImages(self.scoring, task))
+        epochs = self._train(task, snapshot)
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
-        epochs = self._train(task)
         self.method.eval()
         with torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
             self.method.end_task(task, TaskImages(self.scoring, task))
@@ -257,6 +190,7 @@ class Trainer:
         if ctx.is_main:
             record = {"task": task.index, "counts": counts, "epochs": epochs, "seconds": seconds}
             rundir.save_checkpoint(self.run_dir, task.index, self.method.learned_state(), record)
+            rundir.remove_snapshots(self.run_dir)
             rundir.append_log(self.run_dir, {"event": "task_end", **record})
             matrix = AccuracyMatrix.from_rows(self._rows_so_far(task, counts), self.zero_shot)
             rundir.write_metrics(self.run_dir, matrix, finished=task.is_last)
@@ -282,75 +216,22 @@ class Trainer:
         ]
         return [*rows, counts]
 
-    def _train(self, task: TaskInfo) -> list[dict]:
-        """Train the current task; returns one log record per epoch."""
-        ctx, config, method = self.ctx, self.config, self.method
-        trainable = [p for p in method.parameters() if p.requires_grad]
-        if not trainable or config.optim.epochs == 0:
+    def _train(self, task: TaskInfo, snapshot: Path | None) -> list[dict]:
+        """Train the current task (from `snapshot` when resuming inside it); returns one record per epoch."""
+        trainable = [p for p in self.method.parameters() if p.requires_grad]
+        if not trainable or self.config.optim.epochs == 0:
             return []
-        dataset = Subset(
-            ImageDataset(self.stream.train, self.train_transform), self.stream.train_indices(task).tolist()
+        training = TaskTraining(
+            self.method,
+            task,
+            self.stream,
+            self.train_transform,
+            self.config,
+            self.ctx,
+            self.reporter,
+            self.run_dir,
         )
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=ctx.world_size,
-            rank=ctx.rank,
-            shuffle=True,
-            seed=derived_seed(config.runtime.seed, task.index),
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=per_process_batch(config.optim.batch_size, ctx.world_size),
-            sampler=sampler,
-            num_workers=config.runtime.num_workers,
-            pin_memory=ctx.device.type == "cuda",
-            persistent_workers=config.runtime.num_workers > 0,
-            generator=torch.Generator().manual_seed(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank)),
-        )
-        model = method
-        if ctx.enabled:
-            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            model = DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
-        shards = ShardedBatches(len(dataset), config.optim.batch_size, ctx.world_size, ctx.rank)
-        optimizer = build_optimizer(method.parameter_groups(), config.optim)
-        scheduler = build_scheduler(optimizer, config.optim)
-        history = []
-        for epoch in range(config.optim.epochs):
-            method.train()
-            sampler.set_epoch(epoch)
-            learning_rate = optimizer.param_groups[0]["lr"]
-            totals: dict[str, torch.Tensor] = {}
-            label = f"task {task.index + 1}/{task.num_tasks} epoch {epoch + 1}/{config.optim.epochs}"
-            self.reporter.start_epoch(label, len(loader))
-            for step, (images, labels) in enumerate(loader):
-                real = shards.real_on_rank(step)
-                # A rank whose batch is all padding still takes part in DDP's all-reduce, with weight 0.
-                keep = max(real, 1)
-                images = images[:keep].to(ctx.device, non_blocking=True)
-                labels = labels[:keep].to(ctx.device, non_blocking=True)
-                with autocast_for(ctx.device, config.runtime.precision):
-                    loss, batch_sum, logs = model(images, labels)
-                optimizer.zero_grad(set_to_none=True)
-                (loss * shards.loss_weight(step) + batch_sum * shards.batch_sum_weight(step)).backward()
-                optimizer.step()
-                # Logged per image like the mean terms: the rank's sum spread over the step's real images.
-                step_loss = loss.detach() + batch_sum.detach() * shards.real_in_step(step) / keep
-                for key, value in {"loss": step_loss, **logs}.items():
-                    value = value.detach().float() * real if real else torch.zeros((), device=ctx.device)
-                    totals[key] = totals.get(key, 0.0) + value
-                self.reporter.advance(shards.real_in_step(step))
-            scheduler.step()
-            # Image-weighted epoch means: the same numbers for any number of processes.
-            means = {key: (ctx.all_reduce_sum(value.clone()) / len(dataset)).item() for key, value in totals.items()}
-            if not math.isfinite(means["loss"]):
-                raise RunFailedError(f"the loss became {means['loss']} in task {task.index} epoch {epoch}")
-            summary = ", ".join(f"{key} {value:.4f}" for key, value in sorted(means.items()))
-            rate = self.reporter.end_epoch(summary)
-            record = {"task": task.index, "epoch": epoch, "lr": learning_rate, **means, "images_per_s": rate}
-            history.append(record)
-            if ctx.is_main:
-                rundir.append_log(self.run_dir, {"event": "epoch_end", **record})
-        return history
+        return training.run(snapshot)
 
 
 def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter: Reporter) -> RunResult:

@@ -8,12 +8,15 @@ acc_matrix.csv        R[t][i] as a table
 zero_shot.json        the evaluation before the first task (task-incremental runs of zero-shot methods)
 train_files.tsv       mixed streams (VTAB-SimS): task, dataset, manifest row, stream label of every training image
 checkpoints/task-XX/  learned state after task XX, written atomically (temporary folder + rename)
+snapshots/            the latest in-task snapshot (training state, optimizer, schedule, position), written
+                      atomically every `runtime.snapshot_epochs` epochs and on Ctrl+C; removed when the task ends
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +37,9 @@ TRAIN_FILES_FILE = "train_files.tsv"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "learned_state.safetensors"
 TASK_FILE = "task.json"
+SNAPSHOT_DIR = "snapshots"
+SNAPSHOT_STATE_FILE = "training_state.pt"
+SNAPSHOT_FILE = "snapshot.json"
 
 
 def utc_stamp() -> str:
@@ -121,3 +127,52 @@ def finished_checkpoints(run_dir: Path) -> list[Path]:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(path / STATE_FILE), read_json(path / TASK_FILE)
+
+
+def snapshot_name(task: int, epoch: int, step: int) -> str:
+    return f"task-{task:02d}-epoch-{epoch:03d}-step-{step:06d}"
+
+
+def save_snapshot(run_dir: Path, position: dict, training_state: dict) -> Path:
+    """Write an in-task snapshot atomically, then remove every older one.
+
+    `position` (task, epoch, step: the optimizer steps done in that epoch) goes to snapshot.json;
+    `training_state` (tensors, optimizer and schedule state dicts) to a torch file read with weights_only.
+    """
+    folder = run_dir / SNAPSHOT_DIR
+    final = folder / snapshot_name(position["task"], position["epoch"], position["step"])
+
+    with staged_folder(final) as staging:
+        torch.save(training_state, staging / SNAPSHOT_STATE_FILE)
+        write_json(staging / SNAPSHOT_FILE, position)
+    remove_snapshots(run_dir, keep=final)
+    return final
+
+
+def latest_snapshot(run_dir: Path, task: int) -> Path | None:
+    """The newest complete snapshot of `task` (half-written temporary folders are ignored)."""
+    folder = run_dir / SNAPSHOT_DIR
+    if not folder.is_dir():
+        return None
+    found = [
+        path
+        for path in folder.glob(f"task-{task:02d}-epoch-*")
+        if (path / SNAPSHOT_FILE).is_file() and (path / SNAPSHOT_STATE_FILE).is_file()
+    ]
+    return max(found, key=lambda path: path.name) if found else None
+
+
+def load_snapshot(path: Path) -> tuple[dict, dict]:
+    """(position, training state) of a snapshot, tensors on the CPU."""
+    state = torch.load(path / SNAPSHOT_STATE_FILE, map_location="cpu", weights_only=True)
+    return read_json(path / SNAPSHOT_FILE), state
+
+
+def remove_snapshots(run_dir: Path, keep: Path | None = None) -> None:
+    """Delete the snapshots (and leftover temporary folders) except `keep`."""
+    folder = run_dir / SNAPSHOT_DIR
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
