@@ -66,7 +66,12 @@ class StreamConfig(_Section):
 
 
 class BackboneConfig(_Section):
-    """A stock timm ViT by full `arch.tag` name (weights from the Hub cache, a local file, or random)."""
+    """A stock timm ViT by any name timm accepts (`arch.tag`, a bare architecture, `hf-hub:`, `local-dir:`).
+
+    Weights come from the Hub cache, `weights` (a local file or folder), or a seeded random initialisation.
+    Pre-trained weights must fill every tensor but the classifier head; `allow_partial` loads what fits and
+    warns instead of refusing.
+    """
 
     name: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
     pretrained: bool = True
@@ -74,6 +79,7 @@ class BackboneConfig(_Section):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     init_seed: int = 0
     normalize: Literal["none", "timm", "imagenet", "clip"] = "none"
+    allow_partial: bool = False
 
 
 class MethodConfig(_Section):
@@ -226,6 +232,42 @@ def parse_assignment(assignment: str) -> dict:
         cursor = cursor.setdefault(part, {})
     cursor[parts[-1]] = value
     return nested
+
+
+def parse_assignments(assignments: list[str]) -> tuple[dict, list[str]]:
+    """`--set` assignments as one override dict, plus the keys they set to a whole table.
+
+    A table given with `--set` replaces the table the layers below hold instead of merging into it, so
+    `--set backbone.model_kwargs={}` clears a preset's keyword arguments.
+    """
+    overrides: dict = {}
+    replaced = []
+    for assignment in assignments:
+        parsed = parse_assignment(assignment)
+        overrides = deep_merge(overrides, parsed)
+        key = assignment.partition("=")[0].strip()
+        if isinstance(_lookup(parsed, key), dict):
+            replaced.append(key)
+    return overrides, replaced
+
+
+def _lookup(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def without_key(data: dict, dotted: str) -> dict:
+    """A copy of `data` without the nested key `a.b.c` (the same content when it is absent)."""
+    head, _, rest = dotted.partition(".")
+    if head not in data:
+        return copy.deepcopy(data)
+    copied = {key: copy.deepcopy(value) for key, value in data.items() if key != head}
+    if rest and isinstance(data[head], dict):
+        copied[head] = without_key(data[head], rest)
+    elif rest:
+        copied[head] = copy.deepcopy(data[head])
+    return copied
 
 
 def validate(data: dict) -> RunConfig:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,50 @@ def tiny_digits_run(*, init_classes: int, increment: int, epochs: int = 1, batch
         "-q",
         "--json",
     ]
+
+
+FAKE_HUB_REPO = "timm/test_vit.r160_in1k"
+FAKE_HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class FakeHubCache:
+    root: Path
+    snapshot: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.snapshot / "model.safetensors"
+
+
+@pytest.fixture
+def fake_hf_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache holding timm's `test_vit.r160_in1k` (random weights with a 1000-class head).
+
+    The layout is the cache's own (`models--timm--test_vit.r160_in1k/{refs/main, snapshots/<commit>/}`), so
+    `hf_hub_download` and timm's `hf-hub:` names find the files without a network; the snapshot folder also
+    serves as a `local-dir:` folder.
+    """
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+
+    root = tmp_path / "hf-cache"
+    repo = root / f"models--{FAKE_HUB_REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / FAKE_HUB_COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(FAKE_HUB_COMMIT)
+    torch.manual_seed(7)
+    model = timm.create_model("test_vit", pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, snapshot / "model.safetensors")
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("hf_hub_id", "url", "file", "source")}
+    config = {"architecture": "test_vit", "num_classes": 1000, "num_features": 64, "pretrained_cfg": pretrained_cfg}
+    (snapshot / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return FakeHubCache(root, snapshot)
 
 
 @pytest.fixture(autouse=True)

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: maps errors to exit codes and one-line messages."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _common.set_json(_asks_for_json(argv))
+    _common.route_warnings()
     _register()
     try:
         app(args=argv, prog_name="ntkcl", standalone_mode=False)

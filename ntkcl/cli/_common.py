@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -61,6 +62,20 @@ DATA_ROOT_OPTION = typer.Option(
 # Off a terminal (pipes, CI logs) tables keep their natural width instead of wrapping at 80 columns.
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, soft_wrap=True)
+
+
+class _WarningLines(logging.Handler):
+    """Warnings of the `ntkcl` library loggers as one `warning: ...` line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stderr.print(f"warning: {' '.join(record.getMessage().split())}", markup=False, highlight=False)
+
+
+def route_warnings() -> None:
+    """Show library warnings (a dropped preset value, a partial weights load) on stderr, once per process."""
+    logger = logging.getLogger("ntkcl")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
 
 
 def set_json(enabled: bool) -> None:

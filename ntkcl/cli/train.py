@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import Precision, RunConfig, Scenario, deep_merge, load_config, parse_assignment
+from ntkcl.config import Precision, RunConfig, Scenario, deep_merge, load_config, parse_assignments
 from ntkcl.errors import BadInputError
 
 # The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
@@ -82,7 +82,11 @@ def train(
     method: str | None = typer.Option(
         None, "--method", "-m", help="Method name (default ntk-cl).", autocompletion=_common.complete_methods
     ),
-    backbone: str | None = typer.Option(None, "--backbone", help="timm model as arch.tag."),
+    backbone: str | None = typer.Option(
+        None,
+        "--backbone",
+        help="timm model: arch.tag, a bare architecture (its default tag), hf-hub:REPO or local-dir:FOLDER.",
+    ),
     weights: Path | None = typer.Option(
         None,
         "--weights",
@@ -94,7 +98,12 @@ def train(
     config_file: Path | None = typer.Option(
         None, "--config", "-c", parser=_common.non_empty_path, metavar="FILE", help="TOML or YAML config file."
     ),
-    assignments: list[str] = typer.Option([], "--set", help="Override any field: --set optim.lr=0.01 (repeatable)."),
+    assignments: list[str] = typer.Option(
+        [], "--set", help="Override any field: --set optim.lr=0.01; a {table} replaces the preset's (repeatable)."
+    ),
+    unset: list[str] = typer.Option(
+        [], "--unset", metavar="KEY", help="Drop KEY from the presets and --config file: its default applies."
+    ),
     init_classes: int | None = typer.Option(None, "--init-classes", help="Classes in the first task."),
     increment: int | None = typer.Option(None, "--increment", help="Classes per later task."),
     class_order_seed: int | None = typer.Option(None, "--class-order-seed", help="np.random.seed for the class order."),
@@ -141,7 +150,7 @@ def train(
     processes = _process_overrides(gpus, nproc)
     if resume is not None:
         run_dir = rundir.check_run_dir(resume)
-        if any(v is not None for v in (stream, scenario, method, backbone, config_file)) or assignments:
+        if any(v is not None for v in (stream, scenario, method, backbone, config_file)) or assignments or unset:
             raise BadInputError("--resume continues a run with its saved config; drop the other config options")
         config = load_config(run_dir / rundir.CONFIG_FILE)
         runtime = {**_flag_overrides(device=device, num_workers=num_workers).get("runtime", {}), **processes}
@@ -167,10 +176,10 @@ def train(
             precision=precision,
             num_workers=num_workers,
         )
-        for assignment in assignments:
-            overrides = deep_merge(overrides, parse_assignment(assignment))
+        assigned, replaced = parse_assignments(assignments)
+        overrides = deep_merge(overrides, assigned)
         overrides = deep_merge(overrides, {"runtime": processes})
-        config = complete_config(resolve_config(config_file, overrides))
+        config = complete_config(resolve_config(config_file, overrides, [*unset, *replaced]))
     reporter = Reporter(enabled=not quiet)
     try:
         result = launch(config, out, run_dir, reporter)

@@ -22,7 +22,13 @@ from ntkcl.engine.distributed import DistributedContext
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod
 from ntkcl.methods.registry import get_method, validate_params
-from ntkcl.models.backbone import Backbone, create_backbone
+from ntkcl.models.backbone import (
+    Backbone,
+    BackboneDescription,
+    check_backbone_for_method,
+    create_backbone,
+    describe_backbone,
+)
 
 
 def data_root(config: RunConfig) -> Path:
@@ -101,11 +107,28 @@ def _check_composite_settings(settings: StreamConfig) -> None:
         )
 
 
+def check_backbone(config: RunConfig) -> BackboneDescription:
+    """Before anything runs: the backbone name resolves, its architecture has what the method hooks into,
+    and an explicit weights file reads as a checkpoint. Returns what was resolved (`origin.name` is `arch.tag`)."""
+    settings = config.backbone
+    method = get_method(config.method.name)
+    description = describe_backbone(settings.name, settings.model_kwargs, settings.weights)
+    check_backbone_for_method(method.name, method.required_backbone_features, description)
+    return description
+
+
 def complete_config(config: RunConfig) -> RunConfig:
     """Fill what defaults to the stream or method (protocol, members, scenario, method hyper-parameters) and
-    check that they fit each other."""
+    check that they fit each other.
+
+    A bare or deprecated timm backbone name becomes the `arch.tag` it resolves to, so the saved config says
+    which weights it means.
+    """
     method = get_method(config.method.name)
     resolved = config.model_copy(deep=True)
+    origin = check_backbone(config).origin
+    if origin.source == "timm":
+        resolved.backbone.name = origin.name
     definition = stream_definition(config)
     if definition is None:
         plugin = dataset_plugin(config)
@@ -247,6 +270,7 @@ def build_backbone(config: RunConfig) -> Backbone:
         model_kwargs=settings.model_kwargs,
         init_seed=settings.init_seed,
         normalize=settings.normalize,
+        allow_partial=settings.allow_partial,
     )
 
 

@@ -106,7 +106,7 @@ def render_card(document: dict, metrics: dict, license_id: str = "other", repo_i
     front = [
         "---",
         f"library_name: {LIBRARY_NAME}",
-        f"base_model: {document['base_model']}",
+        *([f"base_model: {document['base_model']}"] if document.get("base_model") else []),
         f"license: {license_id}",
         "pipeline_tag: image-classification",
         "tags:",

@@ -37,10 +37,6 @@ def task_infos(sizes: Sequence[int]) -> list[TaskInfo]:
     return [TaskInfo(i, len(sizes), sum(sizes[:i]), size) for i, size in enumerate(sizes)]
 
 
-def base_model_id(backbone_name: str) -> str:
-    return f"timm/{backbone_name}"
-
-
 def _last_checkpoint(run_dir: Path) -> tuple[Path, int]:
     checkpoints = rundir.finished_checkpoints(run_dir)
     if not checkpoints:
@@ -78,6 +74,7 @@ def recorded_command(record: dict, config: RunConfig) -> str:
         "stream.augment": config.stream.augment,
         "backbone.init_seed": config.backbone.init_seed,
         "backbone.normalize": config.backbone.normalize,
+        "backbone.allow_partial": config.backbone.allow_partial,
         **{f"backbone.model_kwargs.{k}": v for k, v in sorted(config.backbone.model_kwargs.items())},
         **{f"method.params.{k}": v for k, v in sorted(config.method.params.items())},
     }
@@ -95,6 +92,7 @@ def build_export_config(run_dir: Path) -> tuple[dict, Path]:
     metrics = rundir.read_json(metrics_file) if metrics_file.is_file() else {}
     sizes = list(record["task_sizes"])
     backbone = config.backbone
+    origin = dict(record["backbone"])
     document = {
         "library_name": LIBRARY_NAME,
         "export_format": EXPORT_FORMAT,
@@ -102,15 +100,18 @@ def build_export_config(run_dir: Path) -> tuple[dict, Path]:
         "inference_mode": True,
         "method": config.method.name,
         "method_params": config.method.params,
-        "base_model": base_model_id(backbone.name),
-        "base_model_sha256": record["backbone"]["weights_sha256"],
+        "base_model": origin.get("hf_hub_id"),
+        "base_model_revision": origin.get("revision"),
+        "base_model_sha256": origin.pop("weights_sha256"),
         "backbone": {
             "name": backbone.name,
             "pretrained": backbone.pretrained or backbone.weights is not None,
             "model_kwargs": backbone.model_kwargs,
             "init_seed": backbone.init_seed,
             "normalize": backbone.normalize,
+            "allow_partial": backbone.allow_partial,
         },
+        "backbone_origin": origin,
         "stream": {
             "dataset": config.stream.dataset,
             "dataset_options": config.stream.dataset_options,

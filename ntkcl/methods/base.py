@@ -26,7 +26,8 @@ Scenarios (`TaskInfo.scenario`):
 Capabilities are class attributes that the engine checks before anything runs (exit 2 with the reason):
 `scenarios` (which of the two the method supports), `zero_shot` (predicts tasks it has not trained; streams
 such as `mtil-order1` require it), `mixed_task_data` (accepts training data of a task holding labels of
-other tasks, as VTAB-SimS streams have), `supports_distributed` (DDP over several processes).
+other tasks, as VTAB-SimS streams have), `supports_distributed` (DDP over several processes),
+`required_backbone_features` (what the method hooks into on the backbone; `--backbone resnet18` is refused).
 
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
 modules). Methods never import the engine: statistics they need across processes go through
@@ -47,7 +48,7 @@ from torch import nn
 from ntkcl.data.plugin import DEFAULT_TEMPLATES
 from ntkcl.data.scenarios import CLASS_INCREMENTAL, SCENARIOS
 from ntkcl.errors import BadInputError
-from ntkcl.models.backbone import Backbone
+from ntkcl.models.backbone import VIT_TOKENS, Backbone
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ class ContinualMethod(nn.Module, ABC):
         mixed_task_data: a task's training data may hold labels of other tasks (VTAB-SimS).
         supports_distributed: whether DDP over several processes is allowed.
         transient: attribute names of modules that live for one task and are not saved (e.g. proxy heads).
-        citation: BibTeX-ish reference printed in model cards.
+        citation: the method's BibTeX entry, printed in model cards.
+        required_backbone_features: what the method hooks into (`ntkcl.models.backbone.BACKBONE_FEATURES`).
     """
 
     name: ClassVar[str] = ""
@@ -182,6 +184,7 @@ class ContinualMethod(nn.Module, ABC):
     supports_distributed: ClassVar[bool] = True
     transient: ClassVar[tuple[str, ...]] = ()
     citation: ClassVar[str] = ""
+    required_backbone_features: ClassVar[tuple[str, ...]] = (VIT_TOKENS,)
 
     def __init__(self, backbone: Backbone, params: MethodParams):
         super().__init__()

@@ -14,7 +14,7 @@ from torch import nn
 
 from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskInfo
 from ntkcl.models.adapters import BottleneckAdapter, adapter_block_forward
-from ntkcl.models.backbone import Backbone
+from ntkcl.models.backbone import PRE_NORM_BLOCKS, VIT_TOKENS, Backbone
 
 
 class FinetuneParams(MethodParams):
@@ -26,7 +26,7 @@ class FinetuneParams(MethodParams):
 class Finetune(ContinualMethod):
     name = "finetune"
     Params = FinetuneParams
-    citation = "Sequential fine-tuning baseline (lower bound), as used throughout the continual-learning literature."
+    required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS)
 
     def __init__(self, backbone: Backbone, params: FinetuneParams):
         super().__init__(backbone, params)

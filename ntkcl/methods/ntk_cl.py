@@ -33,7 +33,7 @@ from torch import nn
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskData, TaskInfo, class_means
 from ntkcl.models.adapters import BottleneckAdapter, adapter_block_forward
-from ntkcl.models.backbone import Backbone
+from ntkcl.models.backbone import PRE_NORM_BLOCKS, VIT_TOKENS, Backbone
 from ntkcl.models.fusion import AttentionFusion
 from ntkcl.models.heads import CosineLinear, PrototypeClassifier
 from ntkcl.models.prompts import PromptGenerator, drop_prompts, prompt_block_forward
@@ -145,6 +145,7 @@ class NTKCL(ContinualMethod):
         "Kernel Perspective}, author={Liu, Jingren and Ji, Zhong and Yu, YunLong and Cao, Jiale and Pang, Yanwei "
         "and Han, Jungong and Li, Xuelong}, journal={arXiv:2407.17120}, year={2024}}"
     )
+    required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS)
 
     def __init__(self, backbone: Backbone, params: NTKCLParams):
         super().__init__(backbone, params)

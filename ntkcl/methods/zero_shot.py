@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskInfo
+from ntkcl.models.backbone import CLIP_TOWERS, VIT_TOKENS
 from ntkcl.models.heads import TextClassifier, clip_logits
 
 CLIP_CITATION = (
@@ -44,13 +45,10 @@ class ZeroShot(ContinualMethod):
     Params = ZeroShotParams
     zero_shot = True
     citation = CLIP_CITATION
+    required_backbone_features = (VIT_TOKENS, CLIP_TOWERS)
 
     def __init__(self, backbone, params: ZeroShotParams):
         super().__init__(backbone, params)
-        if getattr(backbone, "kind", "") != "clip":
-            raise BadInputError(
-                f"method {self.name} needs a CLIP backbone (--backbone clip:ViT-B-16/openai), not {backbone.name!r}"
-            )
         self.text_classifier = TextClassifier()
         self._class_embeddings: torch.Tensor | None = None
 

@@ -1,24 +1,36 @@
-"""A stock, frozen timm vision transformer with the hooks PEFT methods attach to.
+"""A stock, frozen vision transformer with the hooks PEFT methods attach to, and how backbones are chosen.
 
 Nothing here is specific to ViT-B/16: width, token count, prefix tokens and image size are read from the
 model, so `test_vit` or a 32-pixel ViT behave like the paper's backbones. Methods insert their modules by
 passing a `block_forward` that re-composes a block's own sub-modules (norm1, attn, ls1, norm2, mlp, ...);
-the pre-trained modules are never copied or replaced. `create_backbone` hands `clip:` names to
-`ntkcl.models.clip`, whose CLIP backbone offers the same image-side interface.
+the pre-trained modules are never copied or replaced.
+
+What a method hooks into is a set of named backbone features (`BACKBONE_FEATURES`); a method class declares
+the ones it needs (`ContinualMethod.required_backbone_features`) and `check_backbone_for_method` refuses an
+architecture that lacks one before anything runs. Backbone names are dispatched on their prefix
+(`BACKBONE_FAMILIES`): `clip:` names go to `ntkcl.models.clip`, whose CLIP backbone offers the same image-side
+interface; timm takes plain names and its own `hf-hub:` / `local-dir:` prefixes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import timm
 import torch
 from torch import nn
 
 from ntkcl.errors import BadInputError
+from ntkcl.models.weights import (
+    BackboneOrigin,
+    check_checkpoint,
+    create_timm_model,
+    describe_timm_model,
+    locate_weights,
+)
 
 if TYPE_CHECKING:
     from ntkcl.models.clip import ClipBackbone
@@ -27,9 +39,91 @@ NORMALIZATION_CONSTANTS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
-WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 BlockForward = Callable[[int, nn.Module, torch.Tensor], torch.Tensor]
+
+VIT_TOKENS = "vit-tokens"
+PRE_NORM_BLOCKS = "pre-norm-blocks"
+FUSED_QKV_ATTENTION = "fused-qkv-attention"
+CLIP_TOWERS = "clip-towers"
+
+
+def _has(module: nn.Module, dotted_names: Iterable[str]) -> bool:
+    """Whether `module` has every attribute path (`attn.qkv`)."""
+    for dotted in dotted_names:
+        owner = module
+        for part in dotted.split("."):
+            if not hasattr(owner, part):
+                return False
+            owner = getattr(owner, part)
+    return True
+
+
+def _every_block_has(model: nn.Module, dotted_names: tuple[str, ...]) -> bool:
+    blocks = getattr(model, "blocks", None)
+    return isinstance(blocks, nn.Sequential) and len(blocks) > 0 and all(_has(b, dotted_names) for b in blocks)
+
+
+@dataclass(frozen=True)
+class BackboneFeature:
+    """Something a method hooks into, and how to tell whether a model has it."""
+
+    description: str
+    present: Callable[[nn.Module], bool]
+
+
+BACKBONE_FEATURES: dict[str, BackboneFeature] = {
+    VIT_TOKENS: BackboneFeature(
+        "a ViT token pipeline (patch_embed, _pos_embed, patch_drop, norm_pre, blocks, norm, forward_head)",
+        lambda model: (
+            _has(model, ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head"))
+            and isinstance(model.blocks, nn.Sequential)
+        ),
+    ),
+    PRE_NORM_BLOCKS: BackboneFeature(
+        "pre-norm blocks with layer scale (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2)",
+        lambda model: _every_block_has(
+            model, ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+        ),
+    ),
+    FUSED_QKV_ATTENTION: BackboneFeature(
+        "attention with one fused qkv projection (attn.qkv, num_heads, head_dim, q_norm, k_norm, norm, proj)",
+        lambda model: _every_block_has(
+            model,
+            tuple(
+                f"attn.{name}"
+                for name in (
+                    "qkv",
+                    "num_heads",
+                    "head_dim",
+                    "q_norm",
+                    "k_norm",
+                    "attn_drop",
+                    "norm",
+                    "proj",
+                    "proj_drop",
+                )
+            ),
+        ),
+    ),
+    CLIP_TOWERS: BackboneFeature(
+        "CLIP image and text towers (encode_text, attention_layers, logit_scale)",
+        lambda model: _has(model, ("encode_text", "attention_layers", "logit_scale", "tokenizer")),
+    ),
+}
+
+
+def model_features(model: nn.Module) -> frozenset[str]:
+    """The `BACKBONE_FEATURES` a (timm) model has."""
+    return frozenset(name for name, feature in BACKBONE_FEATURES.items() if feature.present(model))
+
+
+def model_kind(model: nn.Module) -> str:
+    """`VisionTransformer with ResPostBlock blocks`: what an error message calls an architecture."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and len(blocks):
+        return f"{type(model).__name__} with {type(blocks[0]).__name__} blocks"
+    return type(model).__name__
 
 
 def plain_block_forward(index: int, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -66,17 +160,18 @@ class Backbone(nn.Module):
 
     Args:
         model: a timm VisionTransformer created with `num_classes=0`.
-        name: the full timm `arch.tag` name.
+        origin: which architecture and weights it is (resolved `arch.tag`, Hub id and revision, weights file).
         weights_sha256: fingerprint of the loaded weights (see `state_dict_sha256`).
         normalize: "none" (the NTK-CL/PILOT convention: [0, 1] pixels), "timm", "imagenet" or "clip".
     """
 
     kind = "timm"
 
-    def __init__(self, model: nn.Module, name: str, weights_sha256: str, normalize: str = "none"):
+    def __init__(self, model: nn.Module, origin: BackboneOrigin, weights_sha256: str, normalize: str = "none"):
         super().__init__()
         self.vit = model
-        self.name = name
+        self.origin = origin
+        self.name = origin.name
         self.weights_sha256 = weights_sha256
         self.normalize = normalize
         for parameter in self.vit.parameters():
@@ -98,6 +193,14 @@ class Backbone(nn.Module):
         super().train(mode)
         self.vit.eval()
         return self
+
+    @property
+    def features(self) -> frozenset[str]:
+        return model_features(self.vit)
+
+    def record(self) -> dict:
+        """What `run.json` and exports record: the origin and the fingerprint of the loaded weights."""
+        return {**self.origin.record(), "weights_sha256": self.weights_sha256}
 
     @property
     def embed_dim(self) -> int:
@@ -155,16 +258,96 @@ class Backbone(nn.Module):
         return self.pool(self.run_blocks(self.embed(images), block_forward))
 
 
-def resolve_weights_file(weights: Path) -> Path:
-    """A weights file, or the known weights file inside a folder; missing ones are bad input."""
-    if weights.is_dir():
-        for name in WEIGHT_FILE_NAMES:
-            if (weights / name).is_file():
-                return weights / name
-        raise BadInputError(f"{weights} holds none of {', '.join(WEIGHT_FILE_NAMES)}")
-    if not weights.is_file():
-        raise BadInputError(f"backbone weights {weights} do not exist")
-    return weights
+@dataclass(frozen=True)
+class BackboneDescription:
+    """A backbone inspected without loading weights: its origin, what kind of model it is and its features."""
+
+    origin: BackboneOrigin
+    kind: str
+    features: frozenset[str]
+
+
+def _describe_timm(name: str, model_kwargs: dict | None, weights: str | Path | None) -> BackboneDescription:
+    model, origin = describe_timm_model(name, model_kwargs)
+    if weights is not None:
+        check_checkpoint(weights, origin.name)
+    return BackboneDescription(origin, model_kind(model), model_features(model))
+
+
+def _create_timm(
+    name: str,
+    *,
+    pretrained: bool,
+    weights: str | Path | None,
+    model_kwargs: dict | None,
+    init_seed: int,
+    normalize: str,
+    allow_partial: bool,
+) -> Backbone:
+    model, origin = describe_timm_model(name, model_kwargs)
+    if VIT_TOKENS not in model_features(model):
+        raise BadInputError(f"backbone {origin.name} ({model_kind(model)}) is not a timm VisionTransformer")
+    if weights is not None or pretrained:
+        origin = locate_weights(origin, weights)
+    vit = create_timm_model(origin, model_kwargs, init_seed, allow_partial)
+    return Backbone(vit, origin, state_dict_sha256(vit), normalize)
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How the backbones of one source are inspected (no weights read) and built."""
+
+    describe: Callable[[str, dict | None, str | Path | None], BackboneDescription]
+    create: Callable[..., Backbone | ClipBackbone]
+
+
+def _describe_clip(name: str, model_kwargs: dict | None, weights: str | Path | None) -> BackboneDescription:
+    from ntkcl.models.clip import describe_clip_backbone
+
+    return describe_clip_backbone(name, model_kwargs, weights)
+
+
+def _create_clip(name: str, **settings) -> ClipBackbone:
+    from ntkcl.models.clip import create_clip_backbone
+
+    return create_clip_backbone(name, **settings)
+
+
+TIMM = BackboneFamily(_describe_timm, _create_timm)
+# Name prefix -> family. Plain names and timm's own `hf-hub:` / `local-dir:` prefixes go to timm.
+BACKBONE_FAMILIES: dict[str, BackboneFamily] = {"clip": BackboneFamily(_describe_clip, _create_clip)}
+
+
+def backbone_family(name: str) -> BackboneFamily:
+    prefix, separator, _ = name.partition(":")
+    return BACKBONE_FAMILIES.get(prefix.lower(), TIMM) if separator else TIMM
+
+
+def describe_backbone(
+    name: str, model_kwargs: dict | None = None, weights: str | Path | None = None
+) -> BackboneDescription:
+    """Resolve `name` and inspect its architecture without loading weights (built on the meta device).
+
+    A `weights` file is checked to be a readable checkpoint; whether it fits is known only when it loads.
+    """
+    return backbone_family(name).describe(name, model_kwargs, weights)
+
+
+def check_backbone_for_method(method_name: str, required: Iterable[str], description: BackboneDescription) -> None:
+    """Refuse a backbone that lacks a feature the method hooks into (one line naming both).
+
+    Args:
+        method_name: the method's CLI name.
+        required: the method's `required_backbone_features`.
+        description: from `describe_backbone`.
+    """
+    for feature in required:
+        if feature not in description.features:
+            needed = BACKBONE_FEATURES[feature].description if feature in BACKBONE_FEATURES else feature
+            raise BadInputError(
+                f"method {method_name} needs a backbone with {needed}; {description.origin.name} "
+                f"({description.kind}) has none"
+            )
 
 
 def create_backbone(
@@ -174,47 +357,27 @@ def create_backbone(
     model_kwargs: dict | None = None,
     init_seed: int = 0,
     normalize: str = "none",
+    allow_partial: bool = False,
 ) -> Backbone | ClipBackbone:
-    """Create a frozen timm ViT by full `arch.tag` name, or an open_clip CLIP by a `clip:` name.
+    """Create a frozen backbone by name (see `ntkcl.models.weights` for the names timm accepts).
 
     Args:
-        name: timm model name, e.g. `vit_base_patch16_224.augreg_in21k`, or `clip:ViT-B-16/openai`
-            (see `ntkcl.models.clip.create_clip_backbone`).
-        pretrained: load the tag's weights through timm (Hugging Face Hub cache; honours HF_HUB_OFFLINE).
+        name: `arch.tag`, a bare architecture (timm's default tag), `hf-hub:<repo>`, `local-dir:<folder>`, or
+            `clip:ViT-B-16/openai` (see `ntkcl.models.clip.create_clip_backbone`).
+        pretrained: load the pre-trained weights (Hugging Face Hub cache; honours HF_HUB_OFFLINE).
         weights: a local weights file or a folder holding `model.safetensors`; overrides `pretrained`.
         model_kwargs: extra `timm.create_model` arguments (img_size, patch_size, depth, ...).
         init_seed: seed of the random initialisation when no weights are loaded, so the same backbone is
             rebuilt on resume, evaluation and export load.
         normalize: input normalisation, see `Backbone`.
+        allow_partial: load weights that do not cover the whole model (warns loudly) instead of refusing them.
     """
-    from ntkcl.models.clip import CLIP_PREFIX, create_clip_backbone
-
-    if name.startswith(CLIP_PREFIX):
-        return create_clip_backbone(name, pretrained, weights, model_kwargs, init_seed, normalize)
-    architecture = name.split(".", 1)[0]
-    if not timm.is_model(architecture):
-        raise BadInputError(f"{name!r} is not a timm model (see `timm.list_models('vit*')`)")
-    kwargs = dict(model_kwargs or {})
-    try:
-        if weights is not None:
-            file = resolve_weights_file(Path(weights).expanduser())
-            model = timm.create_model(
-                name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(file)}, **kwargs
-            )
-        elif pretrained:
-            model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
-                model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    except BadInputError:
-        raise
-    except (OSError, RuntimeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInputError(
-            f"could not load backbone {name!r}: {first_line} (offline? pass --weights FILE or --no-pretrained)"
-        ) from error
-    required = ("blocks", "patch_embed", "_pos_embed", "norm", "forward_head")
-    if not all(hasattr(model, attribute) for attribute in required):
-        raise BadInputError(f"{name!r} is not a timm VisionTransformer; ntkcl methods need one")
-    return Backbone(model, name, state_dict_sha256(model), normalize)
+    return backbone_family(name).create(
+        name,
+        pretrained=pretrained,
+        weights=weights,
+        model_kwargs=model_kwargs,
+        init_seed=init_seed,
+        normalize=normalize,
+        allow_partial=allow_partial,
+    )

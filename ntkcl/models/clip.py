@@ -20,18 +20,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ntkcl.errors import BadInputError
+from ntkcl.files import sha256_file
 from ntkcl.models.backbone import (
+    CLIP_TOWERS,
     NORMALIZATION_CONSTANTS,
+    VIT_TOKENS,
+    BackboneDescription,
     BlockForward,
     plain_block_forward,
-    resolve_weights_file,
     run_block_range,
     state_dict_sha256,
 )
+from ntkcl.models.weights import BackboneOrigin, check_checkpoint, weights_file
 
 CLIP_PREFIX = "clip:"
 SCHEMAS = ("hf-hub:", "local-dir:")
 TOWERS = ("visual", "text")
+# What every ClipBackbone offers methods (create_clip_backbone refuses a model that could not).
+CLIP_FEATURES = frozenset({VIT_TOKENS, CLIP_TOWERS})
 
 
 class ClipBackbone(nn.Module):
@@ -40,7 +46,7 @@ class ClipBackbone(nn.Module):
     Args:
         model: an open_clip `CLIP` with a ViT image tower and a batch-first text transformer.
         tokenizer: its open_clip tokenizer (texts -> (N, context_length) token ids).
-        name: the `clip:` name it was created from.
+        origin: the `clip:` name it was created from and where its weights came from.
         weights_sha256: fingerprint of the weights (`state_dict_sha256`).
         normalize: "clip" (OpenAI CLIP mean/std, what CLIP was trained with), "timm" (the model's own
             preprocessing constants, the same for OpenAI CLIP), "imagenet" or "none".
@@ -48,11 +54,14 @@ class ClipBackbone(nn.Module):
 
     kind = "clip"
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, weights_sha256: str, normalize: str = "clip"):
+    def __init__(
+        self, model: nn.Module, tokenizer, origin: BackboneOrigin, weights_sha256: str, normalize: str = "clip"
+    ):
         super().__init__()
         self.clip = model
         self.tokenizer = tokenizer
-        self.name = name
+        self.origin = origin
+        self.name = origin.name
         self.weights_sha256 = weights_sha256
         self.normalize = normalize
         for parameter in self.clip.parameters():
@@ -73,6 +82,14 @@ class ClipBackbone(nn.Module):
         super().train(mode)
         self.clip.eval()
         return self
+
+    @property
+    def features(self) -> frozenset[str]:
+        return CLIP_FEATURES
+
+    def record(self) -> dict:
+        """What `run.json` and exports record: the origin and the fingerprint of the weights."""
+        return {**self.origin.record(), "weights_sha256": self.weights_sha256}
 
     # Image tower: the interface of `Backbone`.
 
@@ -206,6 +223,50 @@ def _quiet_open_clip():
         root.setLevel(level)
 
 
+def _resolve(name: str) -> tuple[str, str | None, bool]:
+    """(open_clip model name or hf-hub:/local-dir: spec, pretrained tag, whether it is such a spec)."""
+    import open_clip
+
+    if not name.startswith(CLIP_PREFIX) or not name[len(CLIP_PREFIX) :]:
+        raise BadInputError(f"{name!r} is not a CLIP backbone name (clip:ViT-B-16/openai)")
+    model_name, tag = _parse(name[len(CLIP_PREFIX) :])
+    is_schema = model_name.startswith(SCHEMAS)
+    if not is_schema and model_name not in open_clip.list_models():
+        raise BadInputError(f"{model_name!r} is not an open_clip model (see `open_clip.list_models()`)")
+    if tag is not None and not open_clip.get_pretrained_cfg(model_name, tag):
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+        raise BadInputError(f"open_clip has no pretrained tag {tag!r} for {model_name} (tags: {known})")
+    return model_name, tag, is_schema
+
+
+def _origin(name: str, model_name: str, tag: str | None, pretrained: bool, file: Path | None) -> BackboneOrigin:
+    import open_clip
+
+    hub = ""
+    if file is None and pretrained:
+        hub = model_name.removeprefix("hf-hub:") if model_name.startswith("hf-hub:") else ""
+        hub = hub or (open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "") if tag else "")
+    return BackboneOrigin(
+        requested=name,
+        name=name,
+        architecture=model_name,
+        tag=tag,
+        source="open_clip",
+        pretrained=pretrained or file is not None,
+        hf_hub_id=hub.strip("/") or None,
+        weights_file=str(file) if file is not None else None,
+        weights_file_sha256=sha256_file(file) if file is not None else None,
+    )
+
+
+def describe_clip_backbone(name: str, model_kwargs: dict | None, weights: str | Path | None) -> BackboneDescription:
+    """A `clip:` name checked without building the model (see `ntkcl.models.backbone.describe_backbone`)."""
+    model_name, tag, _ = _resolve(name)
+    if weights is not None:
+        check_checkpoint(weights, name)
+    return BackboneDescription(_origin(name, model_name, tag, False, None), "open_clip CLIP", CLIP_FEATURES)
+
+
 def create_clip_backbone(
     name: str,
     pretrained: bool = True,
@@ -213,6 +274,7 @@ def create_clip_backbone(
     model_kwargs: dict | None = None,
     init_seed: int = 0,
     normalize: str = "clip",
+    allow_partial: bool = False,
 ) -> ClipBackbone:
     """Create a frozen open_clip CLIP from a `clip:` name.
 
@@ -227,21 +289,14 @@ def create_clip_backbone(
             e.g. a tiny CLIP for tests.
         init_seed: seed of the random initialisation, so the same backbone is rebuilt everywhere.
         normalize: input normalisation, see `ClipBackbone`.
+        allow_partial: load a `weights` file that does not cover the model (non-strict) instead of refusing it.
     """
     import open_clip
 
-    if not name.startswith(CLIP_PREFIX) or not name[len(CLIP_PREFIX) :]:
-        raise BadInputError(f"{name!r} is not a CLIP backbone name (clip:ViT-B-16/openai)")
-    model_name, tag = _parse(name[len(CLIP_PREFIX) :])
-    is_schema = model_name.startswith(SCHEMAS)
-    if not is_schema and model_name not in open_clip.list_models():
-        raise BadInputError(f"{model_name!r} is not an open_clip model (see `open_clip.list_models()`)")
-    if tag is not None and not open_clip.get_pretrained_cfg(model_name, tag):
-        known = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
-        raise BadInputError(f"open_clip has no pretrained tag {tag!r} for {model_name} (tags: {known})")
+    model_name, tag, is_schema = _resolve(name)
     quick_gelu = bool(tag and open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
     kwargs = {"force_quick_gelu": quick_gelu, **(model_kwargs or {})}
-    file = resolve_weights_file(Path(weights).expanduser()) if weights is not None else None
+    file = weights_file(weights) if weights is not None else None
     from_name = pretrained and file is None
     if from_name and not (tag or is_schema):
         raise BadInputError(f"{name!r} names no weights: add a tag (clip:{model_name}/openai) or pass --no-pretrained")
@@ -252,7 +307,7 @@ def create_clip_backbone(
                 model_name, pretrained=tag if from_name else None, load_weights=from_name, **kwargs
             )
             if file is not None:
-                open_clip.load_checkpoint(model, str(file), strict=True)
+                open_clip.load_checkpoint(model, str(file), strict=not allow_partial)
             tokenizer = open_clip.get_tokenizer(model_name, context_length=model.context_length)
     except BadInputError:
         raise
@@ -266,4 +321,5 @@ def create_clip_backbone(
         raise BadInputError(f"{name!r} is not a CLIP with ViT image and transformer text towers")
     if not (visual.transformer.batch_first and model.transformer.batch_first):
         raise BadInputError(f"{name!r} has sequence-first transformers; ntkcl needs open_clip's batch-first layout")
-    return ClipBackbone(model, tokenizer, name, state_dict_sha256(model), normalize)
+    origin = _origin(name, model_name, tag, from_name, file)
+    return ClipBackbone(model, tokenizer, origin, state_dict_sha256(model), normalize)

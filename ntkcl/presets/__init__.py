@@ -2,21 +2,27 @@
 
 Layers, later wins: built-in defaults < `streams.toml[<dataset>]` (method-independent: backbone, transforms)
 < `<method>.toml[<dataset>]` (or its `[default]` table) < that table's `by_backbone."<backbone name>"`
-< `--config FILE` < command-line flags and `--set key=value`.
+< `--config FILE` < command-line flags and `--set key=value`. A backbone the user names replaces the presets'
+backbone sections; `--unset key` removes a key from every layer below the flags.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from ntkcl.config import RunConfig, deep_merge, read_config_file, validate
+from ntkcl.config import RunConfig, deep_merge, read_config_file, validate, without_key
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+logger = logging.getLogger(__name__)
 
 STREAMS_FILE = "streams.toml"
 BY_BACKBONE = "by_backbone"
@@ -50,19 +56,55 @@ def _pick(layers: list[dict], section: str, key: str, default: str) -> str:
     return value
 
 
-def resolve_config(config_file: Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """Layer defaults, presets, an optional config file and flag overrides into a validated RunConfig."""
+def _without_backbone(preset: dict, label: str, user_backbone: dict) -> dict:
+    """`preset` minus its backbone section; a dropped value the user did not set themselves is warned about."""
+    dropped = {k: v for k, v in preset.get("backbone", {}).items() if k != "name" and k not in user_backbone}
+    if dropped:
+        shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in sorted(dropped.items()))
+        logger.warning(
+            "the backbone you named (backbone.name or weights) replaces the %s preset's backbone settings (dropped %s)",
+            label,
+            shown,
+        )
+    return {k: v for k, v in preset.items() if k != "backbone"}
+
+
+def resolve_config(
+    config_file: Path | None = None, overrides: dict | None = None, unset: Sequence[str] = ()
+) -> RunConfig:
+    """Layer defaults, presets, an optional config file and flag overrides into a validated RunConfig.
+
+    Args:
+        config_file: a TOML/YAML/JSON file of config sections.
+        overrides: flags and `--set` assignments (the last layer).
+        unset: dotted keys removed from every layer below `overrides`, so their built-in default (or the
+            value in `overrides`) applies: `--unset` and tables given whole with `--set`.
+
+    A backbone named in the config file or the overrides (`backbone.name` or `backbone.weights`) replaces the
+    presets' backbone sections as a whole: a stream preset's small random ViT settings never leak into a
+    pre-trained backbone the user asked for.
+    """
     defaults = RunConfig().model_dump(mode="json")
-    user_layers = [read_config_file(config_file) if config_file else {}, overrides or {}]
-    dataset = _pick([defaults, *user_layers], "stream", "dataset", "digits")
-    method = _pick([defaults, *user_layers], "method", "name", "ntk-cl")
+    file_layer = read_config_file(config_file) if config_file else {}
+    overrides = overrides or {}
+    dataset = _pick([defaults, file_layer, overrides], "stream", "dataset", "digits")
+    method = _pick([defaults, file_layer, overrides], "method", "name", "ntk-cl")
     method_layer = method_preset(method, dataset)
     by_backbone = method_layer.get(BY_BACKBONE, {})
     method_layer = {k: v for k, v in method_layer.items() if k != BY_BACKBONE}
-    layers = [defaults, stream_preset(dataset), method_layer]
-    backbone = _pick([*layers, *user_layers], "backbone", "name", defaults["backbone"]["name"])
-    layers.append(by_backbone.get(backbone, {}))
+    stream_layer = stream_preset(dataset)
+    for key in unset:
+        stream_layer, method_layer, file_layer = (without_key(x, key) for x in (stream_layer, method_layer, file_layer))
+    user_backbone = deep_merge(file_layer.get("backbone", {}), overrides.get("backbone", {}))
+    if "name" in user_backbone or "weights" in user_backbone:
+        stream_layer = _without_backbone(stream_layer, f"{dataset} stream", user_backbone)
+        method_layer = _without_backbone(method_layer, f"{method} {dataset}", user_backbone)
+    layers = [defaults, stream_layer, method_layer]
+    backbone = _pick([*layers, file_layer, overrides], "backbone", "name", defaults["backbone"]["name"])
+    backbone_layer = by_backbone.get(backbone, {})
+    for key in unset:
+        backbone_layer = without_key(backbone_layer, key)
     merged: dict = {}
-    for layer in [*layers, *user_layers]:
+    for layer in [*layers, backbone_layer, file_layer, overrides]:
         merged = deep_merge(merged, layer)
     return validate(merged)
