@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from ntkcl.config import parse_assignments
@@ -161,3 +162,6 @@ def test_a_pretrained_run_records_the_resolved_backbone(cli, data_root, fake_hf_
     document = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
     assert (document["base_model"], document["base_model_revision"]) == (FAKE_HUB_REPO, FAKE_HUB_COMMIT)
     assert document["backbone_origin"]["weights_file_sha256"] == sha256_file(fake_hf_cache.weights)
+    card = ModelCard.load(tmp_path / "export" / "README.md").data
+    assert (card.base_model, card.to_dict()["base_model_relation"]) == (FAKE_HUB_REPO, "adapter")
+    assert card.license == "apache-2.0"  # the pre-trained weights' licence from timm's config

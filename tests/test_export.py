@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import yaml
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 
 import ntkcl
 from ntkcl.config import load_config
+from ntkcl.data.registry import get_dataset
 from ntkcl.engine import rundir
 from ntkcl.engine.builders import build_backbone, build_method
 from ntkcl.errors import BadInputError
@@ -19,12 +20,14 @@ from ntkcl.export import (
     CARD_NAME,
     CONFIG_NAME,
     EXPORT_FILES,
+    HUB_CONFIG_NAME,
     METRICS_NAME,
     WEIGHTS_NAME,
     card_is_generated,
     load_pretrained,
     task_infos,
 )
+from ntkcl.export.card import EVALUATED
 from ntkcl.methods.registry import discover_methods
 from tests.conftest import TINY_BACKBONE_FLAGS
 from tests.test_cli_bad_input import assert_one_line_error
@@ -150,12 +153,11 @@ def test_model_card_renders_the_runs_metrics(cli, run_of, tmp_path):
     folder = tmp_path / "export"
     assert cli("export", run, "--out", folder, "--license", "cc-by-4.0").code == 0
     card = (folder / CARD_NAME).read_text()
-    _, front, body = card.split("---\n", 2)
-    meta = yaml.safe_load(front)
-    assert meta["library_name"] == "ntkcl"
-    assert "base_model" not in meta  # random initialisation
-    assert meta["license"] == "cc-by-4.0"
-    assert {"continual-learning", "finetune", "digits"} <= set(meta["tags"])
+    data = ModelCard(card).data
+    assert (data.library_name, data.pipeline_tag, data.license) == ("ntkcl", "image-classification", "cc-by-4.0")
+    assert data.base_model is None  # random initialisation: no base model on the Hub
+    assert {"continual-learning", "class-incremental", "finetune", "digits"} <= set(data.tags)
+    body = ModelCard(card).text
     metrics = json.loads((run / "metrics.json").read_text())
     assert f"| {metrics['final_accuracy']:.2f} |" in body
     assert f"| {metrics['mean_incremental_accuracy']:.2f} |" in body
@@ -163,9 +165,33 @@ def test_model_card_renders_the_runs_metrics(cli, run_of, tmp_path):
     row = metrics["accuracy_matrix"][1]
     assert f"| 1 | {row[0]:.2f} | {row[1]:.2f} |" in body
     assert "ntkcl train --stream digits --method finetune" in body
-    assert "arXiv:2407.17120" in body and "```bibtex" in body
+    assert "## Licence" not in body  # chosen with --license
     assert card_is_generated(card)
     assert not card_is_generated(card.replace("## Results", "## Results (edited)"))
+
+
+def test_card_metadata_parses_back_as_hub_metadata(cli, run_of, tmp_path):
+    run = run_of("ntk-cl")
+    folder = tmp_path / "export"
+    assert cli("export", run, "--out", folder).code == 0
+    card = ModelCard.load(folder / CARD_NAME)
+    data = card.data
+    assert data.datasets == ["digits"] and data.metrics == ["accuracy"]
+    assert (data.license, data.license_name) == ("other", "unspecified")
+    assert data.license_link == get_dataset("digits").homepage and "## Licence" in card.text
+    metrics = json.loads((run / "metrics.json").read_text())
+    results = {result.metric_name: result for result in data.eval_results}
+    assert set(results) == {name for _, _, name in EVALUATED}
+    for key, metric_type, name in EVALUATED:
+        assert (results[name].metric_type, results[name].metric_value) == (metric_type, round(metrics[key], 2))
+        assert (results[name].task_type, results[name].dataset_type, results[name].dataset_split) == (
+            "image-classification",
+            "digits",
+            "test",
+        )
+    assert card.text.count("@article{liu2024ntkcl") == 1  # one citation per method
+    summary = json.loads((folder / HUB_CONFIG_NAME).read_text())
+    assert (summary["method"], summary["adapter_config"], summary["weights"]) == ("ntk-cl", CONFIG_NAME, WEIGHTS_NAME)
 
 
 def test_default_run_is_the_latest_under_runs(cli, run_of, tmp_path, monkeypatch):

@@ -33,7 +33,9 @@ def export(
         None, "--token", help="Hub token (default: HF_TOKEN, then the saved login; prefer those to this flag)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace a README.md that was edited on the Hub."),
-    license_id: str = typer.Option("other", "--license", help="Licence id for the model card's front matter."),
+    license_id: str | None = typer.Option(
+        None, "--license", help="Hub licence id for the model card (default: the base weights' licence)."
+    ),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
     """Export the learned state of a run: adapter_model.safetensors, adapter_config.json, README.md, metrics.json.

@@ -12,7 +12,14 @@ One module per concern, imported in one direction:
 """
 
 from ntkcl.export.card import card_is_generated, render_card
-from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, METRICS_NAME, WEIGHTS_NAME
+from ntkcl.export.constants import (
+    CARD_NAME,
+    CONFIG_NAME,
+    EXPORT_FILES,
+    HUB_CONFIG_NAME,
+    METRICS_NAME,
+    WEIGHTS_NAME,
+)
 from ntkcl.export.document import build_export_config, read_export_config, task_infos
 from ntkcl.export.evaluation import evaluate_pretrained
 from ntkcl.export.folder import ExportResult, export_run
@@ -22,6 +29,7 @@ __all__ = [
     "CARD_NAME",
     "CONFIG_NAME",
     "EXPORT_FILES",
+    "HUB_CONFIG_NAME",
     "METRICS_NAME",
     "WEIGHTS_NAME",
     "ExportResult",

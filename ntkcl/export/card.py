@@ -1,7 +1,11 @@
-"""The model card (`README.md`) of an export: front matter, results, usage, training, citations.
+"""The model card (`README.md`) of an export: Hub metadata, results, usage, training, citations.
 
-A generated card ends with a marker holding the sha256 of the rest of the card, so a later push can tell an
-unedited ntkcl card (safe to replace) from one a person edited on the Hub (kept unless forced).
+The YAML front matter is `huggingface_hub.ModelCardData`: `base_model` is the Hub repo the backbone weights
+came from (none for a random or local backbone) with `base_model_relation: adapter`, the evaluation results
+are a `model-index` of `EvalResult`s (A_T, mean incremental accuracy and forgetting on the stream), and the
+licence is the base weights' unless chosen. A generated card ends with a marker holding the sha256 of the
+rest of the card, so a later push can tell an unedited ntkcl card (safe to replace) from one a person edited
+on the Hub (kept unless forced).
 """
 
 from __future__ import annotations
@@ -10,14 +14,18 @@ import hashlib
 import json
 import re
 
+from huggingface_hub import EvalResult, ModelCardData
+
 from ntkcl.errors import BadInputError
 from ntkcl.export.constants import LIBRARY_NAME, WEIGHTS_NAME
 
 CARD_MARKER = "<!-- ntkcl-card-sha256:"
-PAPER_CITATION = (
-    "@article{liu2024ntkcl, title={Parameter-Efficient Fine-Tuning for Continual Learning: A Neural Tangent "
-    "Kernel Perspective}, author={Liu, Jingren and Ji, Zhong and Pang, Yanwei and Yu, Yunlong}, "
-    "journal={arXiv:2407.17120}, year={2024}}"
+UNCHOSEN_LICENSE = "unspecified"
+# (metrics.json key, model-index metric type, metric name): what the Hub shows as evaluation results.
+EVALUATED = (
+    ("final_accuracy", "accuracy", "A_T (accuracy on all seen classes after the last task)"),
+    ("mean_incremental_accuracy", "accuracy", "Mean incremental accuracy"),
+    ("forgetting", "forgetting", "Forgetting"),
 )
 
 
@@ -39,6 +47,79 @@ def _method_citation(name: str) -> str:
         return get_method(name).citation
     except BadInputError:
         return ""
+
+
+def datasets_of(document: dict) -> list[str]:
+    """The dataset plugins a stream is made of (the members of a composite stream, else the one dataset)."""
+    members = document["stream"].get("members")
+    if members:
+        return list(dict.fromkeys(member["dataset"] for member in members))
+    return [document["stream"]["dataset"]]
+
+
+def card_license(document: dict, license_id: str | None) -> dict:
+    """`license` (with `license_name` / `license_link` when it is `other`): the chosen one, else the base
+    weights' licence from timm's pretrained config, else `other`/unspecified linked to the training data."""
+    origin = document.get("backbone_origin") or {}
+    chosen = license_id or (origin.get("license") if origin.get("pretrained") else None)
+    if chosen and chosen != "other":
+        return {"license": chosen}
+    homepage = _dataset_info(datasets_of(document)[0]).get("homepage")
+    return {"license": "other", "license_name": UNCHOSEN_LICENSE, **({"license_link": homepage} if homepage else {})}
+
+
+def eval_results(document: dict, metrics: dict) -> list[EvalResult]:
+    """A_T, mean incremental accuracy and forgetting of the stream as model-index entries (values in %)."""
+    stream = document["stream"]
+    protocol = document.get("protocol") or "class-incremental"
+    if stream.get("members"):
+        setting = f"{len(stream['members'])} datasets, one task each"
+    else:
+        setting = f"B{stream['init_classes']} Inc{stream['increment']}, class-order seed {stream['class_order_seed']}"
+    tasks = f"{document['finished_tasks']}/{document['num_tasks']} tasks"
+    results = []
+    for key, metric_type, metric_name in EVALUATED:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                task_name=f"{protocol.capitalize()} image classification",
+                dataset_type=stream["dataset"],
+                dataset_name=f"{stream['dataset']} ({setting}, {tasks})",
+                dataset_split="test",
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=round(float(value), 2),
+            )
+        )
+    return results
+
+
+def card_data(
+    document: dict, metrics: dict, license_id: str | None = None, repo_id: str | None = None
+) -> ModelCardData:
+    """The card's metadata as `huggingface_hub.ModelCardData`."""
+    method, dataset = document["method"], document["stream"]["dataset"]
+    origin = document.get("backbone_origin") or {}
+    family = "open_clip" if origin.get("source") == "open_clip" else "timm"
+    protocol = document.get("protocol") or "class-incremental"
+    tags = ["continual-learning", protocol, LIBRARY_NAME, method, *datasets_of(document), "vision", family]
+    base = (
+        {"base_model": document["base_model"], "base_model_relation": "adapter"} if document.get("base_model") else {}
+    )
+    return ModelCardData(
+        model_name=repo_id.rsplit("/", 1)[-1] if repo_id else f"ntkcl-{dataset}-{method}",
+        library_name=LIBRARY_NAME,
+        pipeline_tag="image-classification",
+        datasets=datasets_of(document),
+        tags=list(dict.fromkeys(tags)),
+        metrics=["accuracy"],
+        eval_results=eval_results(document, metrics) or None,
+        **card_license(document, license_id),
+        **base,
+    )
 
 
 def _percent(value) -> str:
@@ -82,6 +163,18 @@ def card_is_generated(text: str) -> bool:
     return match is not None and match.group(1) == card_digest(text)
 
 
+def _backbone_line(document: dict) -> str:
+    backbone, origin = document["backbone"], document.get("backbone_origin") or {}
+    if origin.get("hf_hub_id"):
+        revision = f" at revision `{origin['revision'][:12]}`" if origin.get("revision") else ""
+        weights = f"weights of [{origin['hf_hub_id']}](https://huggingface.co/{origin['hf_hub_id']}){revision}"
+    elif backbone["pretrained"]:
+        weights = "local pre-trained weights"
+    else:
+        weights = f"random initialisation, seed {backbone['init_seed']}"
+    return f"`{backbone['name']}` ({weights}; loaded tensors sha256 `{document['base_model_sha256'][:16]}…`)"
+
+
 def _protocol(document: dict) -> str:
     """How the stream was cut into tasks: by classes of one dataset, or one dataset per task."""
     stream = document["stream"]
@@ -97,25 +190,11 @@ def _protocol(document: dict) -> str:
     )
 
 
-def render_card(document: dict, metrics: dict, license_id: str = "other", repo_id: str | None = None) -> str:
+def render_card(document: dict, metrics: dict, license_id: str | None = None, repo_id: str | None = None) -> str:
     """The README.md model card of an export (deterministic: the same run renders the same card)."""
     method, dataset = document["method"], document["stream"]["dataset"]
-    data_info = _dataset_info(dataset)
-    backbone = document["backbone"]
-    tags = ["continual-learning", "class-incremental", LIBRARY_NAME, method, dataset, "vision", "timm"]
-    front = [
-        "---",
-        f"library_name: {LIBRARY_NAME}",
-        *([f"base_model: {document['base_model']}"] if document.get("base_model") else []),
-        f"license: {license_id}",
-        "pipeline_tag: image-classification",
-        "tags:",
-        *[f"- {tag}" for tag in dict.fromkeys(tags)],
-        "metrics:",
-        "- accuracy",
-        "---",
-    ]
-    title = f"# {method} on {dataset} (ntkcl, class-incremental)"
+    data = card_data(document, metrics, license_id, repo_id)
+    title = f"# {method} on {dataset} (ntkcl, {document.get('protocol') or 'class-incremental'})"
     status = (
         f"All {document['num_tasks']} tasks of the stream are learned."
         if document["finished"]
@@ -123,19 +202,15 @@ def render_card(document: dict, metrics: dict, license_id: str = "other", repo_i
         f"{document['num_tasks']} tasks; this model knows the classes of those tasks only."
     )
     seen = sum(document["task_sizes"][: document["finished_tasks"]])
-    weights = (
-        "pre-trained weights" if backbone["pretrained"] else f"random initialisation, seed {backbone['init_seed']}"
-    )
     where = repo_id or "<this repo id or folder>"
     about = [
         f"Learned state of the continual-learning method **{method}** after {document['finished_tasks']} "
-        f"task(s) of the **{dataset}** stream ({seen} classes), on the frozen timm backbone "
-        f"`{backbone['name']}` ({weights}, sha256 `{document['base_model_sha256'][:16]}…`).",
+        f"task(s) of the **{dataset}** stream ({seen} classes), on the frozen backbone {_backbone_line(document)}.",
         "",
         status,
         "",
-        f"{_protocol(document)} The file `{WEIGHTS_NAME}` holds only what the method "
-        "learned (adapters, heads, prototypes, ...); the backbone is loaded from timm and checked by sha256.",
+        f"{_protocol(document)} The file `{WEIGHTS_NAME}` holds only what the method learned (adapters, heads, "
+        "prototypes, ...); the backbone is loaded from its own source and checked by sha256.",
     ]
     usage = [
         "## Use",
@@ -152,14 +227,26 @@ def render_card(document: dict, metrics: dict, license_id: str = "other", repo_i
         "names = model.class_names                # stream order, the logits' columns",
         "```",
     ]
-    hyper = json.dumps(document["method_params"], indent=2, sort_keys=True)
     training = document["training"]
-    data_lines = []
-    if data_info:
-        data_lines = [f"Dataset: {dataset} ({data_info['homepage']}), licence: {data_info['license']}.", ""]
-    citations = [c for c in (data_info.get("citation", ""), _method_citation(method), PAPER_CITATION) if c]
+    infos = [(name, _dataset_info(name)) for name in datasets_of(document)]
+    data_lines = [f"Data: {name} ({info['homepage']}), licence: {info['license']}." for name, info in infos if info]
+    licence = []
+    if data.license_name == UNCHOSEN_LICENSE:
+        licence = [
+            "## Licence",
+            "",
+            "No licence was chosen for these weights and the backbone brings none; the terms of the training "
+            "data apply. Choose one with `ntkcl export --license ID`.",
+            "",
+        ]
+    citations = list(
+        dict.fromkeys(c for c in [*(info.get("citation", "") for _, info in infos), _method_citation(method)] if c)
+    )
+    citation = ["## Citation", "", "```bibtex", *citations, "```", ""] if citations else []
     body = [
-        *front,
+        "---",
+        data.to_yaml(),
+        "---",
         "",
         title,
         "",
@@ -175,6 +262,7 @@ def render_card(document: dict, metrics: dict, license_id: str = "other", repo_i
         "## Training",
         "",
         *data_lines,
+        *([""] if data_lines else []),
         "Produced by:",
         "",
         "```bash",
@@ -184,17 +272,13 @@ def render_card(document: dict, metrics: dict, license_id: str = "other", repo_i
         f"Method hyper-parameters (`{method}`):",
         "",
         "```json",
-        hyper,
+        json.dumps(document["method_params"], indent=2, sort_keys=True),
         "```",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(training.get("versions", {}).items())) + ".",
         "",
-        "## Citation",
-        "",
-        "```bibtex",
-        *citations,
-        "```",
-        "",
+        *licence,
+        *citation,
     ]
     text = "\n".join(body)
     return f"{text}{CARD_MARKER} {card_digest(text)} -->\n"

@@ -17,7 +17,7 @@ import ntkcl
 from ntkcl.config import RunConfig, load_config, validate
 from ntkcl.engine import rundir
 from ntkcl.errors import BadInputError
-from ntkcl.export.constants import CONFIG_NAME, EXPORT_FORMAT, LIBRARY_NAME
+from ntkcl.export.constants import CONFIG_NAME, EXPORT_FORMAT, LIBRARY_NAME, WEIGHTS_NAME
 from ntkcl.methods.base import TaskInfo
 
 
@@ -153,6 +153,22 @@ def build_export_config(run_dir: Path) -> tuple[dict, Path]:
         },
     }
     return document, checkpoint
+
+
+def hub_config(document: dict) -> dict:
+    """`config.json`: what the export is, in a few keys, and where its description and weights are."""
+    return {
+        "library_name": LIBRARY_NAME,
+        "ntkcl_version": document["ntkcl_version"],
+        "export_format": document["export_format"],
+        "method": document["method"],
+        "backbone": document["backbone"]["name"],
+        "base_model": document.get("base_model"),
+        "protocol": document.get("protocol"),
+        "num_classes": sum(document["task_sizes"][: document["finished_tasks"]]),
+        "adapter_config": CONFIG_NAME,
+        "weights": WEIGHTS_NAME,
+    }
 
 
 def read_export_config(folder: Path) -> dict:
