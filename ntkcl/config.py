@@ -3,18 +3,24 @@
 A run's configuration is layered: defaults < stream preset < method preset (`ntkcl/presets/`) <
 `--config FILE` (TOML or YAML) < command-line flags and `--set key=value`. The fully resolved result is
 written to `config.json` in the run directory; every invalid value is reported with its dotted field name.
+
+Every number is bounded here, so that a value no run could use is refused before anything runs: seeds fit
+numpy's 32 bits, epochs and batch sizes stay within what a run can finish, NaN and infinity are refused in
+every field (method hyper-parameters included, through `StrictModel`), and no integer exceeds 2**32 - 1.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ntkcl.data.scenarios import SCENARIOS
 from ntkcl.errors import BadInputError
@@ -26,12 +32,71 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+MAX_INTEGER = 2**32 - 1
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 1 << 20
+MAX_WORKERS = 256
+MAX_PROCESSES = 1024
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
 Precision = Literal["auto", "fp32", "bf16"]
 Scenario = Literal[SCENARIOS]
+# numpy's and torch's seeds are unsigned 32-bit integers.
+Seed = Annotated[int, Field(ge=0, le=MAX_INTEGER)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _non_empty(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+# An empty string would silently mean the current folder.
+NonEmptyPath = Annotated[Path, BeforeValidator(_non_empty)]
+
+
+def out_of_range_number(value: Any, path: str = "") -> tuple[str, Any] | None:
+    """The dotted path inside `value` ("" for `value` itself) and the first NaN/infinite float or integer
+    beyond 2**32 - 1 found there, else None."""
+    if isinstance(value, (bool, BaseModel)):  # bools are ints; nested models check their own fields
+        return None
+    if isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) > MAX_INTEGER:
+        return path, value
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = out_of_range_number(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are refused, and so are NaN, infinity and integers beyond 2**32 - 1 in any field.
+
+    The base of every config section and of every method's hyper-parameters (`MethodParams`), so new fields
+    and new methods are covered without a line of their own: a weight that can only produce NaN is bad input.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _numbers_in_range(cls, value: Any) -> Any:
+        found = out_of_range_number(value)
+        if found is None:
+            return value
+        path, number = found
+        where = f" ({path} is {number!r})" if path else ""
+        raise ValueError(f"numbers must be finite and integers at most {MAX_INTEGER} in size{where}")
+
+
+class _Section(StrictModel):
+    model_config = ConfigDict(validate_assignment=True)
 
 
 class StreamMember(_Section):
@@ -59,10 +124,10 @@ class StreamConfig(_Section):
     scenario: Scenario | None = None
     init_classes: int | None = Field(default=None, ge=1)
     increment: int | None = Field(default=None, ge=1)
-    class_order_seed: int | None = 0
-    class_order: list[int] | None = None
+    class_order_seed: Seed | None = 0
+    class_order: list[Annotated[int, Field(ge=0)]] | None = None
     augment: Literal["paper", "resize", "clip"] = "paper"
-    data_root: Path | None = None
+    data_root: NonEmptyPath | None = None
 
 
 class BackboneConfig(_Section):
@@ -75,9 +140,9 @@ class BackboneConfig(_Section):
 
     name: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
     pretrained: bool = True
-    weights: Path | None = None
+    weights: NonEmptyPath | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    init_seed: int = 0
+    init_seed: Seed = 0
     normalize: Literal["none", "timm", "imagenet", "clip"] = "none"
     allow_partial: bool = False
 
@@ -104,18 +169,23 @@ class OptimConfig(_Section):
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    epochs: int = Field(default=5, ge=0)
-    batch_size: int = Field(default=16, ge=1)
-    eval_batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(default=5, ge=0, le=MAX_EPOCHS)
+    batch_size: int = Field(default=16, ge=1, le=MAX_BATCH_SIZE)
+    eval_batch_size: int = Field(default=128, ge=1, le=MAX_BATCH_SIZE)
     scheduler: Literal["cosine", "constant"] = "cosine"
     min_lr: float = Field(default=0.0, ge=0)
-    warmup_epochs: int = Field(default=0, ge=0, description="linear warm-up from warmup_lr (timm scheduler)")
+    warmup_epochs: int = Field(
+        default=0, ge=0, le=MAX_EPOCHS, description="linear warm-up from warmup_lr (timm scheduler)"
+    )
     warmup_lr: float = Field(default=1e-5, ge=0)
     sched_on_updates: bool = Field(default=False, description="step the schedule after every optimizer update")
     clip_grad: float | None = Field(default=None, gt=0, description="gradient clipping threshold")
     clip_mode: Literal["norm", "value", "agc"] = "norm"
     accumulation_steps: int = Field(
-        default=1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch of a step"
+        default=1,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description="micro-batches per optimizer step; batch_size stays the global batch of a step",
     )
     layer_decay: float | None = Field(default=None, gt=0, le=1, description="layer-wise learning-rate decay")
     weight_decay_exclude_1d: bool = Field(default=False, description="no weight decay on 1-D parameters and biases")
@@ -145,20 +215,26 @@ class OptimConfig(_Section):
 class RuntimeConfig(_Section):
     """Where and how the run executes. `seed` is the training seed (separate from the class order)."""
 
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     precision: Precision = "auto"
-    num_workers: int | None = Field(default=None, ge=0, description="DataLoader workers; null = min(4, CPUs)")
-    gpus: list[int] | None = None
-    nproc: int = Field(default=1, ge=1)
+    num_workers: int | None = Field(
+        default=None, ge=0, le=MAX_WORKERS, description="DataLoader workers; null = min(4, CPUs)"
+    )
+    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    nproc: int = Field(default=1, ge=1, le=MAX_PROCESSES)
     snapshot_epochs: int = Field(
-        default=1, ge=0, description="save a resumable in-task snapshot every N epochs (0: only on Ctrl+C / SIGTERM)"
+        default=1,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="save a resumable in-task snapshot every N epochs (0: only on Ctrl+C / SIGTERM)",
     )
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value not in ("auto", "cpu") and not value.startswith("cuda"):
+        # Whether this host has that device is checked with the processes (`engine.launch.plan_processes`).
+        if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
@@ -173,13 +249,20 @@ class RunConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line naming the first invalid field, what was given and what is allowed."""
+def describe_validation_error(error: ValidationError, prefix: str = "", owner: str = "") -> str:
+    """One line naming the first invalid field, what was given and what is allowed.
+
+    Args:
+        error: pydantic's error.
+        prefix: the dotted path of the validated model inside the run config (`method.params`).
+        owner: appended to the field name (` for ntk-cl`).
+    """
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "config"
+    location = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "") or "config"
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"invalid {location}: {first['msg']}{shown}"
+    reason = first["msg"].removeprefix("Value error, ")
+    return f"invalid {location}{owner}: {reason}{shown}"
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -215,6 +298,26 @@ def read_config_file(path: Path) -> dict:
     return data
 
 
+def check_config_key(dotted: str, option: str) -> None:
+    """A BadInputError unless `dotted` names a config section, a field, or a key inside a table field
+    (`method.params.*`, `backbone.model_kwargs.*`, `stream.dataset_options.*`)."""
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise BadInputError(f"{option} key {dotted.strip()!r} has an empty part")
+    model: type[BaseModel] | None = RunConfig
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        if model is None:
+            raise BadInputError(f"{option} {dotted}: {'.'.join(parts[:depth])} is a value, not a table")
+        field = model.model_fields.get(part)
+        if field is None:
+            raise BadInputError(f"{option} {dotted}: {where} is not a config field")
+        annotation = field.annotation
+        if get_origin(annotation) is dict:
+            return
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def parse_assignment(assignment: str) -> dict:
     """`a.b.c=value` as a nested dict; the value is read as TOML/JSON (numbers, booleans, lists) or text."""
     key, separator, raw = assignment.partition("=")
@@ -228,6 +331,8 @@ def parse_assignment(assignment: str) -> dict:
     nested: dict = {}
     cursor = nested
     parts = key.strip().split(".")
+    if not all(parts):
+        raise BadInputError(f"--set key {key.strip()!r} has an empty part")
     for part in parts[:-1]:
         cursor = cursor.setdefault(part, {})
     cursor[parts[-1]] = value

@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 STAGING_MARK = ".staging-"
+TEMPORARY_MARK = ".tmp-"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
@@ -55,6 +56,25 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def remove_interrupted_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files and staging folders that killed writes left anywhere under `folder`.
+
+    Only for a folder no other process is writing to (a run being resumed). Returns what was removed.
+    """
+    removed = []
+    for parent, folders, files in os.walk(folder):
+        for name in [*folders, *files]:
+            if name.startswith(".") and (STAGING_MARK in name or TEMPORARY_MARK in name):
+                path = Path(parent) / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        folders[:] = [name for name in folders if (Path(parent) / name).exists()]
+    return removed
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -10,11 +10,13 @@ torch, timm and the engine only inside the commands that need them.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
 
 import typer
+from pydantic import ValidationError
 from typer.exceptions import TyperException
 
 from ntkcl import __version__
@@ -44,13 +46,14 @@ def _root(
     """ntkcl: continual learning with PEFT on pre-trained ViTs."""
 
 
-def _register() -> None:
-    if app.registered_commands:
-        return
+@functools.cache
+def register_commands() -> typer.core.TyperGroup:
+    """Attach every subcommand to `app` and build its command group, once (the modules import nothing heavy)."""
     from ntkcl.cli import datasets, evaluate, export, prepare, train
 
     for module in (datasets, prepare, train, evaluate, export):
         module.register(app)
+    return typer.main.get_command(app)
 
 
 def _asks_for_json(argv: list[str]) -> bool:
@@ -64,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _common.set_json(_asks_for_json(argv))
     _common.route_warnings()
-    _register()
+    command = register_commands()
     try:
-        app(args=argv, prog_name="ntkcl", standalone_mode=False)
+        command.main(args=argv, prog_name="ntkcl", standalone_mode=False)
     except typer.Exit as error:
         sys.exit(error.exit_code)
     except typer.Abort:
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         _common.fail(error.format_message(), getattr(error, "exit_code", 2))
     except BadInputError as error:
         _common.fail(str(error), 2)
+    except ValidationError as error:  # a model validated outside `ntkcl.config.validate`: still bad input
+        from ntkcl.config import describe_validation_error
+
+        _common.fail(describe_validation_error(error), 2)
     except RunFailedError as error:
         _common.fail(str(error), 1)
     except KeyboardInterrupt:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -68,7 +70,26 @@ class _WarningLines(logging.Handler):
     """Warnings of the `ntkcl` library loggers as one `warning: ...` line each on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        stderr.print(f"warning: {' '.join(record.getMessage().split())}", markup=False, highlight=False)
+        line = f"warning: {' '.join(record.getMessage().split())}"
+        held = STATE.get("held_warnings")
+        if held is not None:
+            held.append(line)
+        else:
+            stderr.print(line, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def warnings_after_checks() -> Iterator[None]:
+    """Hold the warnings raised while the input is checked: shown once it passes, dropped when it is refused,
+    so that bad input stays one line."""
+    held: list[str] = []
+    STATE["held_warnings"] = held
+    try:
+        yield
+    finally:
+        STATE["held_warnings"] = None
+    for line in held:
+        stderr.print(line, markup=False, highlight=False)
 
 
 def route_warnings() -> None:

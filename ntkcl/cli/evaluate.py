@@ -55,9 +55,12 @@ def evaluate(
     """
     _common.set_json(json_output)
     from ntkcl.engine import rundir
+    from ntkcl.export.constants import CONFIG_NAME as EXPORT_CONFIG
 
     local = Path(path).expanduser()
-    if (local / rundir.RUN_FILE).is_file():
+    # A run folder stopped before run.json holds config.json alone; an export holds config.json beside its own.
+    started_run = (local / rundir.RUN_FILE).is_file()
+    if started_run or ((local / rundir.CONFIG_FILE).is_file() and not (local / EXPORT_CONFIG).is_file()):
         if stream is not None or revision is not None or weights is not None:
             raise BadInputError(
                 "--stream, --revision and --weights apply to exports; a run is scored on its own stream"
@@ -83,8 +86,22 @@ def _evaluate_run(path: Path, data_root: Path | None, quiet: bool, json_output: 
         _common.emit(result)
         return
     _common.print_metrics(result["metrics"], title=f"{path.name}: accuracy (%) recomputed from checkpoints")
-    verdict = "identical to" if result["matches_training"] else "DIFFERENT from"
-    _common.stdout.print(f"recomputed matrix is {verdict} the one training reported", highlight=False)
+    _common.stdout.print(_verdict(result, path), highlight=False)
+
+
+def _verdict(result: dict, path: Path) -> str:
+    comparison = result["training_metrics"]
+    if comparison == "identical":
+        return "recomputed matrix is identical to the one training reported"
+    if comparison == "different":
+        return "recomputed matrix is DIFFERENT from the one training reported"
+    last = result["metrics"]["num_tasks"] - 1
+    recorded = {0: "", 1: " for task 0"}.get(last, f" for tasks 0-{last - 1}")
+    earlier = f"matches the one training reported{recorded}" if last else "has no recorded task to compare with"
+    return (
+        f"recomputed matrix {earlier}; the metrics of task {last} were not recorded yet (the run stopped after "
+        f"saving its checkpoint); `ntkcl train --resume {path}` records them"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import Precision, RunConfig, Scenario, deep_merge, load_config, parse_assignments
+from ntkcl.config import Precision, Scenario, check_config_key, deep_merge, load_config, parse_assignments, validate
 from ntkcl.errors import BadInputError
 
 # The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
+# A resumed run keeps its saved config except where it runs: these may change on `--resume`.
+RESUME_FLAGS = ("device", "num_workers", "data_root")
 FLAG_FIELDS = {
     "stream": ("stream", "dataset"),
     "method": ("method", "name"),
@@ -50,7 +53,7 @@ def parse_gpus(text: str) -> list[int]:
     if text.strip().lower() == "all":
         return all_gpus()
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
+    if not all(re.fullmatch("[0-9]+", part) for part in parts):
         raise BadInputError(f"--gpus expects comma-separated GPU indices (0,1) or 'all', got {text!r}")
     return [int(part) for part in parts]
 
@@ -141,45 +144,57 @@ def train(
 ) -> None:
     """Train a class-incremental run; writes runs/<stream>-<method>-<stamp>/ and prints the accuracy table."""
     _common.set_json(json_output)
-    from ntkcl.engine import rundir
-    from ntkcl.engine.builders import complete_config
-    from ntkcl.engine.launch import launch
-    from ntkcl.engine.progress import Reporter
+    # The engine (torch, timm) is imported once the flags and config values have passed their checks.
     from ntkcl.presets import resolve_config
 
     processes = _process_overrides(gpus, nproc)
+    flags = {
+        "stream": stream,
+        "method": method,
+        "backbone": backbone,
+        "weights": weights,
+        "pretrained": pretrained,
+        "init_classes": init_classes,
+        "increment": increment,
+        "class_order_seed": class_order_seed,
+        "scenario": scenario,
+        "data_root": data_root,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "device": device,
+        "precision": precision,
+        "num_workers": num_workers,
+    }
     if resume is not None:
-        run_dir = rundir.check_run_dir(resume)
-        if any(v is not None for v in (stream, scenario, method, backbone, config_file)) or assignments or unset:
-            raise BadInputError("--resume continues a run with its saved config; drop the other config options")
+        from ntkcl.engine import rundir
+
+        run_dir = rundir.check_run_dir(resume, started=False)
+        fixed = [name for name, value in flags.items() if value is not None and name not in RESUME_FLAGS]
+        if fixed or config_file is not None or assignments or unset:
+            raise BadInputError(
+                "--resume continues a run with its saved config; only --device, --num-workers, --data-root, "
+                "--gpus and --nproc may change"
+            )
         config = load_config(run_dir / rundir.CONFIG_FILE)
-        runtime = {**_flag_overrides(device=device, num_workers=num_workers).get("runtime", {}), **processes}
-        config = RunConfig.model_validate(deep_merge(config.model_dump(mode="json"), {"runtime": runtime}))
+        overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
+        config = validate(deep_merge(config.model_dump(mode="json"), overrides))
     else:
         run_dir = None
-        overrides = _flag_overrides(
-            stream=stream,
-            method=method,
-            backbone=backbone,
-            weights=weights,
-            pretrained=pretrained,
-            init_classes=init_classes,
-            increment=increment,
-            class_order_seed=class_order_seed,
-            scenario=scenario,
-            data_root=data_root,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            precision=precision,
-            num_workers=num_workers,
-        )
+        overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
+        for key in unset:
+            check_config_key(key, "--unset")
         assigned, replaced = parse_assignments(assignments)
-        overrides = deep_merge(overrides, assigned)
-        overrides = deep_merge(overrides, {"runtime": processes})
-        config = complete_config(resolve_config(config_file, overrides, [*unset, *replaced]))
+        overrides = deep_merge(overrides, assigned)  # --set is the most specific layer
+        with _common.warnings_after_checks():
+            config = resolve_config(config_file, overrides, [*unset, *replaced])
+            from ntkcl.engine.builders import complete_config
+
+            config = complete_config(config)
+    from ntkcl.engine.launch import launch
+    from ntkcl.engine.progress import Reporter
+
     reporter = Reporter(enabled=not quiet)
     try:
         result = launch(config, out, run_dir, reporter)

@@ -126,6 +126,8 @@ def complete_config(config: RunConfig) -> RunConfig:
     """
     method = get_method(config.method.name)
     resolved = config.model_copy(deep=True)
+    # Values first: a malformed hyper-parameter is named before the backbone or data are looked at.
+    resolved.method.params = validate_params(method, config.method.params).model_dump(mode="json")
     origin = check_backbone(config).origin
     if origin.source == "timm":
         resolved.backbone.name = origin.name
@@ -150,7 +152,6 @@ def complete_config(config: RunConfig) -> RunConfig:
         member_plugins(definition, data_root(config))
     if resolved.runtime.num_workers is None:
         resolved.runtime.num_workers = min(4, os.cpu_count() or 1)
-    resolved.method.params = validate_params(method, config.method.params).model_dump(mode="json")
     return resolved
 
 

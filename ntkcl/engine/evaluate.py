@@ -21,6 +21,7 @@ from ntkcl.data.loaders import ImageDataset, Samples, ShardSampler
 from ntkcl.data.scenarios import TASK_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.engine.distributed import DistributedContext
+from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.methods.base import ContinualMethod, TaskInfo
 
 
@@ -128,10 +129,28 @@ def _evaluate_task_aware(
     return [(int(c), int(n)) for c, n in counts.tolist()]
 
 
+def compare_with_training(recorded: dict, recomputed: AccuracyMatrix) -> str:
+    """How the matrix recomputed from the checkpoints relates to the one training recorded in metrics.json.
+
+    "identical"; "last_task_unrecorded" when metrics.json holds exactly the rows before the last checkpoint
+    (the run stopped between saving that task's checkpoint and recording its metrics, which `--resume`
+    records); else "different".
+    """
+    correct, total = recorded.get("correct", []), recorded.get("total", [])
+    # A zero-shot row is first recorded with the first task's metrics.
+    same_zero_shot = recorded.get("zero_shot_correct") == recomputed.zero_shot_correct
+    if same_zero_shot and correct == recomputed.correct and total == recomputed.total:
+        return "identical"
+    if (same_zero_shot or not correct) and correct == recomputed.correct[:-1] and total == recomputed.total[:-1]:
+        return "last_task_unrecorded"
+    return "different"
+
+
 def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     """Rebuild every saved task of a run and recompute its accuracy matrix from the checkpoints.
 
-    Returns the recomputed metrics, the ones training reported, and whether the matrices are identical.
+    Returns the recomputed metrics and how they compare with the ones training recorded
+    (`compare_with_training`; `matches_training` when identical).
     """
     from pathlib import Path
 
@@ -140,7 +159,6 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     from ntkcl.engine import rundir
     from ntkcl.engine.builders import build_backbone, build_method, build_stream
     from ntkcl.engine.distributed import init_distributed
-    from ntkcl.engine.metrics import AccuracyMatrix
     from ntkcl.errors import BadInputError
 
     run_dir = rundir.check_run_dir(Path(run_dir))
@@ -177,10 +195,11 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
             reporter.message(f"evaluated task {index + 1}/{len(checkpoints)}")
     matrix = AccuracyMatrix.from_rows(rows, zero_shot)
     reported = rundir.read_json(run_dir / rundir.METRICS_FILE) if (run_dir / rundir.METRICS_FILE).is_file() else {}
-    same = all(reported.get(key) == getattr(matrix, key) for key in ("correct", "total", "zero_shot_correct"))
+    comparison = compare_with_training(reported, matrix)
     return {
         "run_dir": str(run_dir),
         "finished": len(checkpoints) == stream.num_tasks,
         "metrics": matrix.summary(),
-        "matches_training": same,
+        "training_metrics": comparison,
+        "matches_training": comparison == "identical",
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import socket
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from ntkcl.config import RunConfig
+from ntkcl.config import DEVICE_PATTERN, RunConfig
 from ntkcl.engine.distributed import launched_by_torchrun
 from ntkcl.engine.progress import Reporter
 from ntkcl.errors import BadInputError, RunFailedError
@@ -61,6 +62,23 @@ def all_gpus() -> list[int]:
     return list(range(count))
 
 
+def _require_visible_gpus(request: str, indices: dict[int, str], fallback: str) -> None:
+    """The host checks `--gpus` and `--device` share, with the same one-line errors.
+
+    Args:
+        request: the option as the user gave it, for the error when CUDA is missing (`--gpus`, `--device cuda`).
+        indices: each requested GPU index with how the user wrote it (`--gpus 7`, `--device cuda:7`).
+        fallback: what to use instead when this host has no GPU.
+    """
+    count = visible_gpu_count()
+    if count == 0:
+        raise BadInputError(f"{request} needs CUDA, but no GPU is visible on this host ({fallback})")
+    for index, written in indices.items():
+        if not 0 <= index < count:
+            visible = "0" if count == 1 else f"0..{count - 1}"
+            raise BadInputError(f"{written}: this host has no GPU {index} (visible: {visible})")
+
+
 def _check_gpus(gpus: list[int], device: str) -> None:
     if not gpus:
         raise BadInputError("--gpus needs at least one GPU index")
@@ -69,13 +87,17 @@ def _check_gpus(gpus: list[int], device: str) -> None:
     duplicates = sorted({index for index in gpus if gpus.count(index) > 1})
     if duplicates:
         raise BadInputError(f"--gpus lists GPU {duplicates[0]} more than once")
-    count = visible_gpu_count()
-    if count == 0:
-        raise BadInputError("--gpus needs CUDA, but no GPU is visible on this host (use --nproc N for CPU processes)")
-    missing = [index for index in gpus if not 0 <= index < count]
-    if missing:
-        visible = "0" if count == 1 else f"0..{count - 1}"
-        raise BadInputError(f"--gpus {missing[0]}: this host has no GPU {missing[0]} (visible: {visible})")
+    _require_visible_gpus("--gpus", {index: f"--gpus {index}" for index in gpus}, "use --nproc N for CPU processes")
+
+
+def check_device(device: str) -> None:
+    """`--device` must be auto, cpu, cuda or cuda:N, and a GPU it names must be on this host."""
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise BadInputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        index = device.partition(":")[2]
+        indices = {int(index): f"--device {device}"} if index else {}
+        _require_visible_gpus(f"--device {device}", indices, "use --device cpu")
 
 
 def _uses_cuda(device: str) -> bool:
@@ -90,6 +112,8 @@ def plan_processes(config: RunConfig) -> LaunchPlan:
         raise BadInputError(f"--nproc must be at least 1, got {runtime.nproc}")
     if gpus is not None:
         _check_gpus(gpus, runtime.device)
+    else:
+        check_device(runtime.device)
     if launched_by_torchrun():
         if runtime.nproc > 1:
             raise BadInputError("under torchrun the number of processes comes from torchrun; drop --nproc")
@@ -130,11 +154,15 @@ def _check_method_and_batch(config: RunConfig, world_size: int) -> None:
 
 def launch(config: RunConfig, out: Path, resume_dir: Path | None, reporter: Reporter):
     """Run training as `plan_processes` says: here, or in spawned ranks. Returns rank 0's RunResult."""
+    from ntkcl.engine.distributed import DistributedContext
     from ntkcl.engine.loop import run_training
+    from ntkcl.engine.preflight import prepare_run
 
     plan = plan_processes(config)
     if not plan.spawns:
         return run_training(config, out, resume_dir, reporter)
+    # Bad input fails here, in one process, before any rank starts (each rank then builds its own parts).
+    prepare_run(config, DistributedContext(), out if resume_dir is None else None)
     return _spawn(plan, config, out, resume_dir, reporter)
 
 

@@ -29,16 +29,17 @@ from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.data.transforms import build_transforms
 from ntkcl.engine import rundir
-from ntkcl.engine.builders import StreamProvenance, build_backbone, build_method, build_stream
+from ntkcl.engine.builders import StreamProvenance
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate, evaluates_untrained_tasks
 from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
 from ntkcl.engine.seeding import derived_seed, seed_everything
 from ntkcl.engine.training import TaskTraining
 from ntkcl.errors import BadInputError, RunFailedError
-from ntkcl.files import atomic_write_text
-from ntkcl.methods.base import ContinualMethod, TaskInfo
+from ntkcl.files import atomic_write_text, remove_interrupted_writes
+from ntkcl.methods.base import TaskInfo
 
 
 @dataclass
@@ -90,19 +91,13 @@ def run_record(config: RunConfig, stream: Stream, provenance: StreamProvenance, 
 class Trainer:
     """Runs (or resumes) the task loop of one run directory."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, ctx: DistributedContext, reporter: Reporter):
+    def __init__(self, config: RunConfig, run_dir: Path, ctx: DistributedContext, reporter: Reporter, parts: RunParts):
         self.config = config
         self.run_dir = run_dir
         self.ctx = ctx
         self.reporter = reporter if ctx.is_main else Reporter(enabled=False)
-        self.stream, self.provenance = build_stream(config, ctx)
-        self.backbone = build_backbone(config).to(ctx.device)
-        # The method's initial weights depend on the run seed alone, not on what the process did before.
-        seed_everything(derived_seed(config.runtime.seed))
-        self.method: ContinualMethod = build_method(config, self.backbone).to(ctx.device)
-        self.method.begin_stream(self.stream.tasks())
-        if ctx.enabled and not self.method.supports_distributed:
-            raise BadInputError(f"method {self.method.name} does not support distributed training; use one process")
+        self.stream, self.provenance = parts.stream, parts.provenance
+        self.backbone, self.method = parts.backbone, parts.method
         self.train_transform, test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
         self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
         self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
@@ -131,7 +126,10 @@ class Trainer:
 
     def run(self, resume: bool = False) -> RunResult:
         ctx = self.ctx
-        if ctx.is_main and not resume:
+        if resume and ctx.is_main:
+            remove_interrupted_writes(self.run_dir)
+        # A resumed run that was stopped before run.json was written starts again from its config.json.
+        if ctx.is_main and not (self.run_dir / rundir.RUN_FILE).is_file():
             rundir.write_json(self.run_dir / rundir.RUN_FILE, self.record)
             if self.provenance.train_files is not None:
                 atomic_write_text(self.run_dir / rundir.TRAIN_FILES_FILE, self.provenance.train_files_text())
@@ -245,9 +243,10 @@ def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter
 
     try:
         ctx = init_distributed(config.runtime.device, config.runtime.gpus)
+        parts = prepare_run(config, ctx, out if resume_dir is None else None)
         run_dir = resume_dir if resume_dir is not None else start_run(config, out, ctx)
         reporter.run_dir = run_dir
-        trainer = Trainer(config, run_dir, ctx, reporter)
+        trainer = Trainer(config, run_dir, ctx, reporter, parts)
         result = trainer.run(resume=resume_dir is not None)
     except Exception as error:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -62,12 +62,23 @@ def new_run_dir(out: Path, stream: str, method: str) -> Path:
     return candidate
 
 
-def check_run_dir(path: Path) -> Path:
-    """`path` if it is a run directory, else a BadInputError saying what is wrong."""
+def check_run_dir(path: Path, started: bool = True) -> Path:
+    """`path` if it is a run directory, else a BadInputError saying what is wrong.
+
+    Args:
+        path: the folder.
+        started: require `run.json`, which is written before the first task. `--resume` passes False: a run
+            stopped before then is started again in its folder from its `config.json`.
+    """
     if not path.exists():
         raise BadInputError(f"run directory {path} does not exist")
-    if not (path / CONFIG_FILE).is_file() or not (path / RUN_FILE).is_file():
-        raise BadInputError(f"{path} is not an ntkcl run directory (no {CONFIG_FILE} / {RUN_FILE})")
+    if not (path / CONFIG_FILE).is_file():
+        raise BadInputError(f"{path} is not an ntkcl run directory (no {CONFIG_FILE})")
+    if started and not (path / RUN_FILE).is_file():
+        raise BadInputError(
+            f"{path} stopped before its first task began (no {RUN_FILE}), so no task finished; "
+            f"start it from its config with `ntkcl train --resume {path}`"
+        )
     return path
 
 

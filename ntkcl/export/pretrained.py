@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ntkcl.engine.launch import check_device
 from ntkcl.errors import BadInputError
 from ntkcl.export.constants import CONFIG_NAME, WEIGHTS_NAME
 from ntkcl.export.document import read_export_config, run_config_of, task_infos
@@ -52,6 +53,7 @@ class PretrainedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ntkcl.config import StrictModel
 from ntkcl.data.plugin import DEFAULT_TEMPLATES
 from ntkcl.data.scenarios import CLASS_INCREMENTAL, SCENARIOS
 from ntkcl.errors import BadInputError
@@ -125,10 +125,9 @@ class TaskData(Protocol):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
-class MethodParams(BaseModel):
-    """Base of every method's hyper-parameter model (unknown keys are rejected)."""
-
-    model_config = ConfigDict(extra="forbid")
+class MethodParams(StrictModel):
+    """Base of every method's hyper-parameter model: unknown keys, NaN, infinity and oversize integers are
+    rejected in every field a method declares."""
 
 
 def class_sums(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from ntkcl._entry_points import METHODS_GROUP, Discovered, discover, require
+from ntkcl.config import describe_validation_error
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod, MethodParams
 
@@ -30,8 +31,4 @@ def validate_params(method: type[ContinualMethod], params: dict) -> MethodParams
     try:
         return method.Params.model_validate(params)
     except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(part) for part in first["loc"])
-        given = first.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        raise BadInputError(f"invalid method.params.{location} for {method.name}: {first['msg']}{shown}") from error
+        raise BadInputError(describe_validation_error(error, "method.params", f" for {method.name}")) from error

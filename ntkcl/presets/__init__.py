@@ -4,6 +4,9 @@ Layers, later wins: built-in defaults < `streams.toml[<dataset>]` (method-indepe
 < `<method>.toml[<dataset>]` (or its `[default]` table) < that table's `by_backbone."<backbone name>"`
 < `--config FILE` < command-line flags and `--set key=value`. A backbone the user names replaces the presets'
 backbone sections; `--unset key` removes a key from every layer below the flags.
+
+The method name picks a preset file, so it is checked against the registered methods first; a name or section
+of the wrong type is left to the final validation, which names its key path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from ntkcl._entry_points import METHODS_GROUP, check_registered
 from ntkcl.config import RunConfig, deep_merge, read_config_file, validate, without_key
 
 if sys.version_info >= (3, 11):
@@ -49,11 +53,27 @@ def method_preset(method: str, dataset: str) -> dict:
     return tables.get(dataset, tables.get("default", {}))
 
 
-def _pick(layers: list[dict], section: str, key: str, default: str) -> str:
+def _pick(layers: list[dict], section: str, key: str, default: str) -> object:
+    """The last layer's `section.key` (sections that are not tables are skipped here, refused later)."""
     value = default
     for layer in layers:
-        value = layer.get(section, {}).get(key, value)
+        table = layer.get(section)
+        if isinstance(table, dict):
+            value = table.get(key, value)
     return value
+
+
+def _merge(layers: list[dict]) -> dict:
+    merged: dict = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    return merged
+
+
+def _table(layer: dict, section: str) -> dict:
+    """`layer[section]` when it is a table (anything else is refused by the final validation)."""
+    value = layer.get(section, {})
+    return value if isinstance(value, dict) else {}
 
 
 def _without_backbone(preset: dict, label: str, user_backbone: dict) -> dict:
@@ -89,22 +109,22 @@ def resolve_config(
     overrides = overrides or {}
     dataset = _pick([defaults, file_layer, overrides], "stream", "dataset", "digits")
     method = _pick([defaults, file_layer, overrides], "method", "name", "ntk-cl")
+    if not isinstance(dataset, str) or not isinstance(method, str):
+        validate(_merge([defaults, file_layer, overrides]))  # raises, naming the key path
+    check_registered(METHODS_GROUP, method, "method")
     method_layer = method_preset(method, dataset)
     by_backbone = method_layer.get(BY_BACKBONE, {})
     method_layer = {k: v for k, v in method_layer.items() if k != BY_BACKBONE}
     stream_layer = stream_preset(dataset)
     for key in unset:
         stream_layer, method_layer, file_layer = (without_key(x, key) for x in (stream_layer, method_layer, file_layer))
-    user_backbone = deep_merge(file_layer.get("backbone", {}), overrides.get("backbone", {}))
+    user_backbone = deep_merge(_table(file_layer, "backbone"), _table(overrides, "backbone"))
     if "name" in user_backbone or "weights" in user_backbone:
         stream_layer = _without_backbone(stream_layer, f"{dataset} stream", user_backbone)
         method_layer = _without_backbone(method_layer, f"{method} {dataset}", user_backbone)
     layers = [defaults, stream_layer, method_layer]
     backbone = _pick([*layers, file_layer, overrides], "backbone", "name", defaults["backbone"]["name"])
-    backbone_layer = by_backbone.get(backbone, {})
+    backbone_layer = by_backbone.get(backbone, {}) if isinstance(backbone, str) else {}
     for key in unset:
         backbone_layer = without_key(backbone_layer, key)
-    merged: dict = {}
-    for layer in [*layers, backbone_layer, file_layer, overrides]:
-        merged = deep_merge(merged, layer)
-    return validate(merged)
+    return validate(_merge([*layers, backbone_layer, file_layer, overrides]))
