@@ -229,6 +229,10 @@ class RuntimeConfig(_Section):
         le=MAX_EPOCHS,
         description="save a resumable in-task snapshot every N epochs (0: only on Ctrl+C / SIGTERM)",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="torch.compile the method's backbone passes; auto = on CUDA for runs long enough to pay back",
+    )
 
     @field_validator("device")
     @classmethod

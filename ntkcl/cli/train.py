@@ -32,6 +32,7 @@ FLAG_FIELDS = {
     "device": ("runtime", "device"),
     "precision": ("runtime", "precision"),
     "num_workers": ("runtime", "num_workers"),
+    "compile": ("runtime", "compile"),
 }
 
 
@@ -117,6 +118,11 @@ def train(
     device: str | None = _common.device_option(None, "Where to train (auto: a GPU when one is visible)."),
     precision: Precision | None = typer.Option(None, "--precision", help="auto: bf16 autocast on GPU, fp32 on CPU."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per process."),
+    compile_passes: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="torch.compile the method's backbone passes (default auto: on CUDA for long runs; see README).",
+    ),
     gpus: str | None = typer.Option(
         None, "--gpus", help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun."
     ),
@@ -166,6 +172,7 @@ def train(
         "device": device,
         "precision": precision,
         "num_workers": num_workers,
+        "compile": None if compile_passes is None else ("on" if compile_passes else "off"),
     }
     if resume is not None:
         from ntkcl.engine import rundir

@@ -15,6 +15,11 @@ from torchvision import transforms as T
 AUGMENTATIONS = ("paper", "resize", "clip")
 
 
+def paper_resize(image_size: int) -> int:
+    """The test transform's shorter side before the centre crop: 256 for 224-pixel models."""
+    return round(image_size * 256 / 224)
+
+
 def build_transforms(augment: str, image_size: int) -> tuple[T.Compose, T.Compose]:
     """(train transform, test transform) for `augment` in AUGMENTATIONS."""
     if augment == "paper":
@@ -27,7 +32,7 @@ def build_transforms(augment: str, image_size: int) -> tuple[T.Compose, T.Compos
         )
         test = T.Compose(
             [
-                T.Resize(round(image_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                T.Resize(paper_resize(image_size), interpolation=T.InterpolationMode.BICUBIC),
                 T.CenterCrop(image_size),
                 T.ToTensor(),
             ]

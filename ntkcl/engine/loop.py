@@ -30,13 +30,14 @@ from ntkcl.data.stream import Stream
 from ntkcl.data.transforms import build_transforms
 from ntkcl.engine import rundir
 from ntkcl.engine.builders import StreamProvenance
+from ntkcl.engine.compile import compile_method, compile_seconds, plan_compilation
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate, evaluates_untrained_tasks
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
 from ntkcl.engine.seeding import derived_seed, seed_everything
-from ntkcl.engine.training import TaskTraining
+from ntkcl.engine.training import TaskTraining, per_process_batch
 from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.files import atomic_write_text, remove_interrupted_writes
 from ntkcl.methods.base import TaskInfo
@@ -98,10 +99,27 @@ class Trainer:
         self.reporter = reporter if ctx.is_main else Reporter(enabled=False)
         self.stream, self.provenance = parts.stream, parts.provenance
         self.backbone, self.method = parts.backbone, parts.method
+        optim = config.optim
+        micro_batch = per_process_batch(optim.batch_size, ctx.world_size, optim.accumulation_steps)
+        micro_batch //= optim.accumulation_steps
+        self.compile_plan = plan_compilation(
+            config.runtime.compile,
+            ctx.device,
+            self._full_training_steps(),
+            ctx.enabled,
+            (micro_batch, optim.eval_batch_size),
+        )
+        self.compiled = compile_method(self.method, self.compile_plan, self.reporter.message)
         self.train_transform, test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
         self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
         self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
         self.zero_shot: list[tuple[int, int]] | None = None
+
+    def _full_training_steps(self) -> int:
+        """Optimizer steps of the whole run with a full batch (what compilation can speed up)."""
+        optim = self.config.optim
+        images = [len(self.stream.train_indices(task)) for task in self.stream.tasks()]
+        return sum(optim.epochs * (count // optim.batch_size) for count in images)
 
     def _restore(self) -> list[list[tuple[int, int]]]:
         """Load the last finished checkpoint; return the accuracy rows of the finished tasks."""
@@ -133,6 +151,10 @@ class Trainer:
             rundir.write_json(self.run_dir / rundir.RUN_FILE, self.record)
             if self.provenance.train_files is not None:
                 atomic_write_text(self.run_dir / rundir.TRAIN_FILES_FILE, self.provenance.train_files_text())
+        if ctx.is_main:
+            plan = self.compile_plan
+            event = {"event": "compile", "enabled": plan.enabled, "reason": plan.reason, "targets": self.compiled}
+            rundir.append_log(self.run_dir, {**event, "mode": plan.mode} if plan.enabled else event)
         if evaluates_untrained_tasks(self.method, self.stream):
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
         rows = self._restore() if resume else []
@@ -172,6 +194,7 @@ class Trainer:
     def _run_task(self, task: TaskInfo, snapshot: Path | None) -> list[tuple[int, int]]:
         ctx, config = self.ctx, self.config
         started = time.perf_counter()
+        compiled_before = compile_seconds() if self.compiled else 0.0
         seed_everything(derived_seed(config.runtime.seed, task.index))
         self.method.begin_task(task)
         self.method.to(ctx.device)
@@ -187,6 +210,8 @@ class Trainer:
         seconds = time.perf_counter() - started
         if ctx.is_main:
             record = {"task": task.index, "counts": counts, "epochs": epochs, "seconds": seconds}
+            if self.compiled:
+                record["compile_s"] = compile_seconds() - compiled_before
             rundir.save_checkpoint(self.run_dir, task.index, self.method.learned_state(), record)
             rundir.remove_snapshots(self.run_dir)
             rundir.append_log(self.run_dir, {"event": "task_end", **record})

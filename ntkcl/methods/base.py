@@ -173,6 +173,8 @@ class ContinualMethod(nn.Module, ABC):
         transient: attribute names of modules that live for one task and are not saved (e.g. proxy heads).
         citation: the method's BibTeX entry, printed in model cards.
         required_backbone_features: what the method hooks into (`ntkcl.models.backbone.BACKBONE_FEATURES`).
+        compile_targets: names of bound methods that hold the heavy, task-independent work (backbone passes);
+            the engine may replace them on the instance by compiled versions (`ntkcl.engine.compile`).
     """
 
     name: ClassVar[str] = ""
@@ -182,6 +184,7 @@ class ContinualMethod(nn.Module, ABC):
     mixed_task_data: ClassVar[bool] = False
     supports_distributed: ClassVar[bool] = True
     transient: ClassVar[tuple[str, ...]] = ()
+    compile_targets: ClassVar[tuple[str, ...]] = ()
     citation: ClassVar[str] = ""
     required_backbone_features: ClassVar[tuple[str, ...]] = (VIT_TOKENS,)
 

@@ -27,6 +27,7 @@ class Finetune(ContinualMethod):
     name = "finetune"
     Params = FinetuneParams
     required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS)
+    compile_targets = ("features",)
 
     def __init__(self, backbone: Backbone, params: FinetuneParams):
         super().__init__(backbone, params)
@@ -41,8 +42,12 @@ class Finetune(ContinualMethod):
     def begin_task(self, task: TaskInfo) -> None:
         self.heads.append(nn.Linear(self.backbone.embed_dim, task.num_new_classes).to(self.device))
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The adapted backbone's pooled feature."""
+        return self.backbone(images, self._block_forward)
+
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images, self._block_forward)
+        features = self.features(images)
         return torch.cat([head(features) for head in self.heads], dim=1)
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:

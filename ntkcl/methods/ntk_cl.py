@@ -140,6 +140,7 @@ class NTKCL(ContinualMethod):
     name = "ntk-cl"
     Params = NTKCLParams
     transient = ("proxy_head",)
+    compile_targets = ("features",)
     citation = (
         "@article{liu2024ntkcl, title={Parameter-Efficient Fine-Tuning for Continual Learning: A Neural Tangent "
         "Kernel Perspective}, author={Liu, Jingren and Ji, Zhong and Yu, YunLong and Cao, Jiale and Pang, Yanwei "

@@ -22,9 +22,15 @@ class SimpleCIL(ContinualMethod):
         "Ye, Han-Jia and Zhan, De-Chuan and Liu, Ziwei}, journal={arXiv:2303.07338}, year={2023}}"
     )
 
+    compile_targets = ("features",)
+
     def __init__(self, backbone: Backbone, params: MethodParams):
         super().__init__(backbone, params)
         self.classifier = PrototypeClassifier(backbone.feature_dim)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's pooled feature."""
+        return self.backbone(images)
 
     def begin_task(self, task: TaskInfo) -> None:
         self.classifier.grow(task.total_classes - self.classifier.num_classes)
@@ -34,10 +40,10 @@ class SimpleCIL(ContinualMethod):
 
     @torch.no_grad()
     def end_task(self, task: TaskInfo, data: TaskData) -> None:
-        means = class_means(data, self.backbone, task.known_classes, task.num_new_classes)
+        means = class_means(data, self.features, task.known_classes, task.num_new_classes)
         self.classifier.set_rows(task.known_classes, means)
         self.seen_classes = task.total_classes
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.backbone(images))
+        return self.classifier(self.features(images))
