@@ -162,7 +162,9 @@ class OptimConfig(_Section):
 
     The defaults are the papers' (torch optimizer, cosine schedule stepped per epoch). timm's options are
     opt-in: `warmup_epochs`, `sched_on_updates`, `clip_grad`, `accumulation_steps`, `layer_decay`,
-    `weight_decay_exclude_1d` and any timm optimizer name (see `ntkcl/engine/optim.py`).
+    `weight_decay_exclude_1d` and any timm optimizer name (see `ntkcl/engine/optim.py`). `scheduler` may also be
+    "onecycle" (torch's OneCycleLR peaking at `lr`, stepped per batch, as KeepLoRA trains); `task_epochs` gives
+    each task its own number of epochs (one entry per task), overriding `epochs`.
     """
 
     optimizer: str = Field(default="sgd", description="sgd, adam, adamw (torch), or a timm optimizer name")
@@ -172,7 +174,7 @@ class OptimConfig(_Section):
     epochs: int = Field(default=5, ge=0, le=MAX_EPOCHS)
     batch_size: int = Field(default=16, ge=1, le=MAX_BATCH_SIZE)
     eval_batch_size: int = Field(default=128, ge=1, le=MAX_BATCH_SIZE)
-    scheduler: Literal["cosine", "constant"] = "cosine"
+    scheduler: Literal["cosine", "constant", "onecycle"] = "cosine"
     min_lr: float = Field(default=0.0, ge=0)
     warmup_epochs: int = Field(
         default=0, ge=0, le=MAX_EPOCHS, description="linear warm-up from warmup_lr (timm scheduler)"
@@ -189,6 +191,7 @@ class OptimConfig(_Section):
     )
     layer_decay: float | None = Field(default=None, gt=0, le=1, description="layer-wise learning-rate decay")
     weight_decay_exclude_1d: bool = Field(default=False, description="no weight decay on 1-D parameters and biases")
+    task_epochs: list[Annotated[int, Field(ge=0, le=MAX_EPOCHS)]] | None = None
 
     @field_validator("optimizer")
     @classmethod
@@ -210,6 +213,10 @@ class OptimConfig(_Section):
                 "equal micro-batches"
             )
         return self
+
+    def epochs_of(self, task_index: int) -> int:
+        """Epochs of task `task_index`."""
+        return self.epochs if self.task_epochs is None else self.task_epochs[task_index]
 
 
 class RuntimeConfig(_Section):

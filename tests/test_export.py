@@ -28,8 +28,9 @@ from ntkcl.export import (
     task_infos,
 )
 from ntkcl.export.card import EVALUATED
-from ntkcl.methods.registry import discover_methods
-from tests.conftest import TINY_BACKBONE_FLAGS
+from ntkcl.methods.registry import discover_methods, get_method
+from ntkcl.models.backbone import CLIP_TOWERS
+from tests.conftest import TINY_BACKBONE_FLAGS, TINY_CLIP_FLAGS
 from tests.test_cli_bad_input import assert_one_line_error
 
 _RUNS: dict[str, object] = {}
@@ -41,12 +42,21 @@ def trained_run(method, base, data_root):
         from ntkcl.cli import main
 
         out = base / method
-        argv = ["train", "--stream", "digits", "--method", method, *TINY_BACKBONE_FLAGS]
+        clip = CLIP_TOWERS in get_method(method).required_backbone_features
+        flags = TINY_CLIP_FLAGS if clip else TINY_BACKBONE_FLAGS
+        argv = ["train", "--stream", "digits", "--method", method, *flags]
         argv += ["--init-classes", "5", "--increment", "5", "--epochs", "1", "--batch-size", "64"]
         argv += ["--num-workers", "0", "-q", "--out", str(out)]
+        threads = torch.get_num_threads()
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("NTKCL_DATA_ROOT", str(data_root))
-            main(argv)
+            if clip:
+                # The CLIP methods' small SVDs and QRs crawl on two threads of a busy machine.
+                torch.set_num_threads(1)
+            try:
+                main(argv)
+            finally:
+                torch.set_num_threads(threads)
         (run,) = [p for p in out.iterdir() if p.is_dir()]
         _RUNS[method] = run
     return _RUNS[method]
@@ -75,11 +85,11 @@ def _method_cases():
 def reference_model(run):
     """The method rebuilt from the run's last checkpoint through the engine's own builders."""
     config = load_config(run / rundir.CONFIG_FILE)
-    sizes = rundir.read_json(run / rundir.RUN_FILE)["task_sizes"]
+    record = rundir.read_json(run / rundir.RUN_FILE)
     checkpoints = rundir.finished_checkpoints(run)
     method = build_method(config, build_backbone(config))
     state, _ = rundir.load_checkpoint(checkpoints[-1])
-    method.load_learned_state(state, task_infos(sizes)[: len(checkpoints)])
+    method.load_learned_state(state, task_infos(record["task_sizes"], record["tasks"])[: len(checkpoints)])
     return method.eval()
 
 

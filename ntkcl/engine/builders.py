@@ -138,7 +138,7 @@ def complete_config(config: RunConfig) -> RunConfig:
             resolved.stream.init_classes = plugin.default_init_classes
         if resolved.stream.increment is None:
             resolved.stream.increment = plugin.default_increment
-        task_sizes(plugin.num_classes, resolved.stream.init_classes, resolved.stream.increment)
+        num_tasks = len(task_sizes(plugin.num_classes, resolved.stream.init_classes, resolved.stream.increment))
         resolved.stream.scenario = config.stream.scenario or CLASS_INCREMENTAL
     else:
         _check_composite_settings(config.stream)
@@ -147,6 +147,10 @@ def complete_config(config: RunConfig) -> RunConfig:
         ]
         resolved.stream.class_order_seed = None
         resolved.stream.scenario = config.stream.scenario or definition.scenario
+        num_tasks = len(definition.members)
+    task_epochs = resolved.optim.task_epochs
+    if task_epochs is not None and len(task_epochs) != num_tasks:
+        raise BadInputError(f"optim.task_epochs has {len(task_epochs)} entries; the stream has {num_tasks} tasks")
     check_capabilities(method, definition, resolved.stream.scenario)
     if definition is not None:
         member_plugins(definition, data_root(config))

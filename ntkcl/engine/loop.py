@@ -11,6 +11,7 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
@@ -85,6 +86,7 @@ def run_record(config: RunConfig, stream: Stream, provenance: StreamProvenance, 
         "class_order": stream.order,
         "class_names": stream.class_names,
         "task_sizes": stream.sizes,
+        "tasks": [dataclasses.asdict(task) for task in stream.tasks()],
         "seeds": {"training": config.runtime.seed, "class_order": config.stream.class_order_seed},
     }
 
@@ -242,7 +244,7 @@ class Trainer:
     def _train(self, task: TaskInfo, snapshot: Path | None) -> list[dict]:
         """Train the current task (from `snapshot` when resuming inside it); returns one record per epoch."""
         trainable = [p for p in self.method.parameters() if p.requires_grad]
-        if not trainable or self.config.optim.epochs == 0:
+        if not trainable or self.config.optim.epochs_of(task.index) == 0:
             return []
         training = TaskTraining(
             self.method,

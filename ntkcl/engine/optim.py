@@ -14,7 +14,8 @@ stepped once per epoch, no clipping. timm's training options are opt-in (`optim.
   or layer decay: timm's `create_scheduler_v2`, which also applies each group's `lr_scale`.
 * `clip_grad` / `clip_mode` (norm, value, agc): timm's `dispatch_clip_grad` before every optimizer step.
 
-New schedules (e.g. a per-update one-cycle) go into `_build_schedule`, new parameter-group rules into
+`scheduler = "onecycle"` is torch's OneCycleLR stepped after every update (KeepLoRA's schedule). New
+schedules go into `_build_schedule`, new parameter-group rules into
 `parameter_groups`; the training step calls only `TaskOptimization.step`.
 """
 
@@ -116,12 +117,15 @@ class Schedule:
     def update(self, updates: int) -> None:
         """After `updates` optimizer updates of the task."""
         if self.per_update:
-            self.scheduler.step_update(updates)
+            if self._timm:
+                self.scheduler.step_update(updates)
+            else:
+                self.scheduler.step()
 
     def epoch_end(self, epochs_done: int) -> None:
         if self._timm:
             self.scheduler.step(epochs_done)
-        else:
+        elif not self.per_update:
             self.scheduler.step()
 
     def state_dict(self) -> dict:
@@ -135,14 +139,22 @@ def uses_timm_scheduler(settings: OptimConfig) -> bool:
     return settings.warmup_epochs > 0 or settings.sched_on_updates or settings.layer_decay is not None
 
 
-def _build_schedule(optimizer: torch.optim.Optimizer, settings: OptimConfig, updates_per_epoch: int) -> Schedule:
+def _build_schedule(
+    optimizer: torch.optim.Optimizer, settings: OptimConfig, updates_per_epoch: int, epochs: int
+) -> Schedule:
+    if settings.scheduler == "onecycle":
+        # KeepLoRA's schedule: torch's OneCycleLR with its defaults, peaking at the configured rate.
+        max_lr = [group["lr"] for group in optimizer.param_groups]
+        total = max(1, epochs * updates_per_epoch)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=total)
+        return Schedule(scheduler, per_update=True, timm_style=False)
     if uses_timm_scheduler(settings):
         from timm.scheduler import create_scheduler_v2
 
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=settings.scheduler,
-            num_epochs=settings.epochs,
+            num_epochs=epochs,
             min_lr=settings.min_lr,
             warmup_lr=settings.warmup_lr,
             warmup_epochs=settings.warmup_epochs,
@@ -151,9 +163,7 @@ def _build_schedule(optimizer: torch.optim.Optimizer, settings: OptimConfig, upd
         )
         return Schedule(scheduler, per_update=settings.sched_on_updates, timm_style=True)
     if settings.scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=settings.epochs, eta_min=settings.min_lr
-        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=settings.min_lr)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return Schedule(scheduler, per_update=False, timm_style=False)
@@ -169,9 +179,10 @@ class TaskOptimization:
     updates: int = 0
 
     @classmethod
-    def build(cls, method: nn.Module, settings: OptimConfig, updates_per_epoch: int) -> TaskOptimization:
+    def build(cls, method: nn.Module, settings: OptimConfig, updates_per_epoch: int, epochs: int) -> TaskOptimization:
+        """The task's optimiser and its schedule over `epochs` epochs of `updates_per_epoch` updates."""
         optimizer = build_optimizer(parameter_groups(method, settings), settings)
-        return cls(optimizer, _build_schedule(optimizer, settings, updates_per_epoch), settings)
+        return cls(optimizer, _build_schedule(optimizer, settings, updates_per_epoch, epochs), settings)
 
     @property
     def learning_rate(self) -> float:

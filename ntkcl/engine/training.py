@@ -213,7 +213,8 @@ class TaskTraining:
         )
         self.shards = ShardedBatches(len(self.dataset), settings.batch_size, ctx.world_size, ctx.rank)
         updates_per_epoch = math.ceil(self.sampler.num_samples / self.per_process)
-        self.optimization = TaskOptimization.build(method, settings, updates_per_epoch)
+        self.epochs = settings.epochs_of(task.index)
+        self.optimization = TaskOptimization.build(method, settings, updates_per_epoch, self.epochs)
 
     def _restore(self, snapshot: Path) -> Progress:
         position, state = rundir.load_snapshot(snapshot)
@@ -246,14 +247,14 @@ class TaskTraining:
 
     def run(self, snapshot: Path | None = None) -> list[dict]:
         """Train the remaining epochs; returns one log record per epoch of the task."""
-        method, ctx, config = self.method, self.ctx, self.config
+        method, ctx = self.method, self.ctx
         progress = self._restore(snapshot) if snapshot is not None else Progress(history=[])
         model = method
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             model = DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
         with StopRequest(handles=ctx.is_main) as stop:
-            for epoch in range(progress.epoch, config.optim.epochs):
+            for epoch in range(progress.epoch, self.epochs):
                 resumed = epoch == progress.epoch and progress.step > 0
                 first_step = progress.step if resumed else 0
                 progress.totals = progress.totals if resumed else {}
@@ -267,7 +268,7 @@ class TaskTraining:
         method, ctx, config, task = self.method, self.ctx, self.config, self.task
         method.train()
         self.sampler.set_position(progress.epoch, skip=first_step * self.per_process)
-        label = f"task {task.index + 1}/{task.num_tasks} epoch {progress.epoch + 1}/{config.optim.epochs}"
+        label = f"task {task.index + 1}/{task.num_tasks} epoch {progress.epoch + 1}/{self.epochs}"
         self.reporter.start_epoch(label, len(self.loader))
         for step, (images, labels) in enumerate(self.loader, start=first_step):
             seed_everything(derived_seed(STEP_STREAM, config.runtime.seed, task.index, progress.epoch, step, ctx.rank))

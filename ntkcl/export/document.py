@@ -32,8 +32,17 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def task_infos(sizes: Sequence[int]) -> list[TaskInfo]:
-    """The TaskInfo of every task of a stream with these task sizes."""
+def task_infos(sizes: Sequence[int], records: Sequence[dict] | None = None) -> list[TaskInfo]:
+    """The TaskInfo of every task of a stream with these task sizes.
+
+    `records` (the `tasks` of run.json and of the export document) also restore each task's dataset, class
+    names for a text encoder, prompt templates and scenario, which CLIP methods build their classifier from.
+    """
+    if records:
+        return [
+            TaskInfo(**{**record, "class_names": tuple(record["class_names"]), "templates": tuple(record["templates"])})
+            for record in records
+        ]
     return [TaskInfo(i, len(sizes), sum(sizes[:i]), size) for i, size in enumerate(sizes)]
 
 
@@ -130,6 +139,7 @@ def build_export_config(run_dir: Path) -> tuple[dict, Path]:
         "finished": finished_tasks == len(sizes),
         "class_order": record["class_order"],
         "class_names": record["class_names"],
+        "tasks": record.get("tasks"),
         "metrics": {
             key: metrics.get(key)
             for key in (

@@ -85,7 +85,8 @@ def load_folder(
             "weights (--weights FILE)"
         )
     model = build_method(config, backbone)
-    finished = task_infos(document["task_sizes"])[: document.get("finished_tasks", len(document["task_sizes"]))]
+    tasks = task_infos(document["task_sizes"], document.get("tasks"))
+    finished = tasks[: document.get("finished_tasks", len(tasks))]
     try:
         state = load_file(folder / WEIGHTS_NAME)
         model.load_learned_state(state, finished)

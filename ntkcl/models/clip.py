@@ -48,8 +48,8 @@ class ClipBackbone(nn.Module):
         tokenizer: its open_clip tokenizer (texts -> (N, context_length) token ids).
         origin: the `clip:` name it was created from and where its weights came from.
         weights_sha256: fingerprint of the weights (`state_dict_sha256`).
-        normalize: "clip" (OpenAI CLIP mean/std, what CLIP was trained with), "timm" (the model's own
-            preprocessing constants, the same for OpenAI CLIP), "imagenet" or "none".
+        normalize: "clip" (OpenAI CLIP mean/std, what CLIP was trained with), "imagenet", or "timm" / "none"
+            (the model's own preprocessing constants, the same for OpenAI CLIP: raw pixels are never right).
     """
 
     kind = "clip"
@@ -66,12 +66,12 @@ class ClipBackbone(nn.Module):
         self.normalize = normalize
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
-        if normalize == "none":
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        elif normalize == "timm":
+        if normalize in ("none", "timm"):
+            # CLIP only works on inputs normalised as it was trained: "none" (the timm backbones' default, raw
+            # pixels) and "timm" both mean the model's own preprocessing constants here.
             config = getattr(model.visual, "preprocess_cfg", {})
-            mean, std = config.get("mean", NORMALIZATION_CONSTANTS["clip"][0]), config.get("std")
-            std = std or NORMALIZATION_CONSTANTS["clip"][1]
+            mean = config.get("mean") or NORMALIZATION_CONSTANTS["clip"][0]
+            std = config.get("std") or NORMALIZATION_CONSTANTS["clip"][1]
         else:
             mean, std = NORMALIZATION_CONSTANTS[normalize]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

@@ -1,7 +1,8 @@
 """Paper hyper-parameters as TOML, and the layering that turns presets, files and flags into a RunConfig.
 
 Layers, later wins: built-in defaults < `streams.toml[<dataset>]` (method-independent: backbone, transforms)
-< `<method>.toml[<dataset>]` (or its `[default]` table) < that table's `by_backbone."<backbone name>"`
+< `<method>.toml[<dataset>]` (or its `[default]` table; one that names a backbone replaces the stream's
+backbone section) < that table's `by_backbone."<backbone name>"`
 < `--config FILE` < command-line flags and `--set key=value`. A backbone the user names replaces the presets'
 backbone sections; `--unset key` removes a key from every layer below the flags.
 
@@ -122,6 +123,10 @@ def resolve_config(
     if "name" in user_backbone or "weights" in user_backbone:
         stream_layer = _without_backbone(stream_layer, f"{dataset} stream", user_backbone)
         method_layer = _without_backbone(method_layer, f"{method} {dataset}", user_backbone)
+    elif "name" in method_layer.get("backbone", {}):
+        # A method that names its own backbone (the CLIP methods) replaces the stream's backbone section whole:
+        # a timm model's keyword arguments mean nothing to another model.
+        stream_layer = {k: v for k, v in stream_layer.items() if k != "backbone"}
     layers = [defaults, stream_layer, method_layer]
     backbone = _pick([*layers, file_layer, overrides], "backbone", "name", defaults["backbone"]["name"])
     backbone_layer = by_backbone.get(backbone, {}) if isinstance(backbone, str) else {}
