@@ -17,25 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import time
 
 import torch
+from _device import optimizer_step, peak_memory_mb, synchronize
 
 from ntkcl.methods.base import TaskInfo
 from ntkcl.methods.ntk_cl import NTKCL, NTKCLParams
 from ntkcl.models.backbone import create_backbone
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def measure(backbone, device, mode: str, args) -> dict:
@@ -58,13 +47,7 @@ def measure(backbone, device, mode: str, args) -> dict:
     labels = torch.randint(5, 10, (args.batch,), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    def train_step():
-        with autocast:
-            loss = method.training_step(images, labels).total()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    train_step = optimizer_step(method, optimizer, autocast, images, labels)
 
     method.train()
     for _ in range(args.warmup):

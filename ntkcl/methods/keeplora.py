@@ -216,14 +216,17 @@ class KeepLoRA(SequentialLoRA):
     def new_loras(self, task: TaskInfo, data: TaskData) -> dict[str, LoRA]:
         if not self.protected:
             self.protect_pretrained_weights()
-        gradients = self.estimate_gradients(task, data)
+        return self.loras_from_gradients(self.estimate_gradients(task, data))
+
+    @torch.no_grad()
+    def loras_from_gradients(self, gradients: dict[str, torch.Tensor]) -> dict[str, LoRA]:
+        """Every target's LoRA from its residual gradient, with the function-preserving offset applied: the
+        merged delta loses (alpha/r) (A B₀)ᵀ, so the adapted model equals the merged one before the first step."""
         loras = {}
-        with torch.no_grad():
-            for target in self.targets:
-                lora = self.lora_from_gradient(gradients[target.weight_key][target.rows], self.bases[target.key].value)
-                # The function-preserving offset: W + ΔW(A, B₀) equals the merged model before the first step.
-                self.weight_deltas[target.weight_key].merged[target.rows] -= lora.delta()
-                loras[target.key] = lora
+        for target in self.targets:
+            lora = self.lora_from_gradient(gradients[target.weight_key][target.rows], self.bases[target.key].value)
+            self.weight_deltas[target.weight_key].merged[target.rows] -= lora.delta()
+            loras[target.key] = lora
         return loras
 
     # Feature accumulation and the GPM update.
@@ -263,8 +266,8 @@ class KeepLoRA(SequentialLoRA):
         return towers
 
     @torch.no_grad()
-    def grow_bases(self, task: TaskInfo, data: TaskData) -> None:
-        statistics = self.accumulate_features(task, data)
+    def grow_bases(self, statistics: dict[str, FeatureStatistics], data: TaskData) -> None:
+        """The GPM update of every protected basis with the Gram matrix of its weight's inputs."""
         grams: dict[tuple[str, int, str], torch.Tensor] = {}
         for target in self.targets:
             kind = "context" if target.role == "o" else "input"
@@ -277,7 +280,7 @@ class KeepLoRA(SequentialLoRA):
     @torch.no_grad()
     def end_task(self, task: TaskInfo, data: TaskData) -> None:
         super().end_task(task, data)
-        self.grow_bases(task, data)
+        self.grow_bases(self.accumulate_features(task, data), data)
 
     def load_learned_state(self, state: dict[str, torch.Tensor], finished) -> None:
         """As the base method, after giving every basis the width it has in `state`."""
