@@ -92,13 +92,23 @@ def parameter_groups(method: nn.Module, settings: OptimConfig) -> list[dict]:
     return split
 
 
+def fused_update(groups: list[dict], optimizer: str) -> dict:
+    """One fused kernel per step instead of a loop over parameters: SGD's fused update equals its loop bit
+    for bit on CPU and GPU; Adam's differs in the last bit, so it is fused on CUDA only."""
+    devices = {parameter.device.type for group in groups for parameter in group["params"]}
+    return {"fused": True} if devices and (optimizer == "sgd" or devices == {"cuda"}) else {}
+
+
 def build_optimizer(groups: list[dict], settings: OptimConfig) -> torch.optim.Optimizer:
     """torch's class for sgd / adam / adamw (as in the papers), timm's factory for any other name."""
+    fused = fused_update(groups, settings.optimizer)
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay, **fused
+        )
     if settings.optimizer in TORCH_OPTIMIZERS:
         optimizer = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.AdamW
-        return optimizer(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+        return optimizer(groups, lr=settings.lr, weight_decay=settings.weight_decay, **fused)
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(

@@ -137,7 +137,9 @@ def class_sums(
     local = labels - first_class
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
     sums.index_add_(0, local, features.to(torch.float64))
-    counts = torch.bincount(local, minlength=num_classes).to(torch.float64)
+    # index_add rather than bincount, which reads the largest label back to the host (a device sync)
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=features.device)
+    counts.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
     return sums, counts
 
 

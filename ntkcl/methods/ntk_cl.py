@@ -126,14 +126,16 @@ def orthogonality_loss(features: torch.Tensor, basis: torch.Tensor, mode: str) -
     return (normalized - projected @ basis.T).sum()
 
 
-def section_logits(features: torch.Tensor, prototypes: torch.Tensor, weights: list[float]) -> torch.Tensor:
+def section_logits(
+    features: torch.Tensor, prototypes: torch.Tensor, weights: list[float] | torch.Tensor
+) -> torch.Tensor:
     """Σ_s w_s · cos(f_s, proto_s) over the width-d sections of the features (the reference's test logits)."""
     sections = len(weights)
     batch, classes = features.shape[0], prototypes.shape[0]
     f = F.normalize(features.float().view(batch, sections, -1), dim=2)
     p = F.normalize(prototypes.float().view(classes, sections, -1), dim=2)
     per_section = torch.einsum("bsd,csd->bcs", f, p)
-    return per_section @ torch.tensor(weights, device=features.device, dtype=per_section.dtype)
+    return per_section @ torch.as_tensor(weights, device=features.device, dtype=per_section.dtype)
 
 
 class NTKCL(ContinualMethod):
@@ -156,7 +158,9 @@ class NTKCL(ContinualMethod):
         self.averaged.requires_grad_(False)
         sections = 3 if params.use_init_ptm else 2
         self.feature_dim = sections * dim
-        self.section_weights = ([params.beta] if params.use_init_ptm else []) + [params.gamma, params.alpha]
+        weights = ([params.beta] if params.use_init_ptm else []) + [params.gamma, params.alpha]
+        # a buffer on the model's device, so prediction copies nothing from the host
+        self.register_buffer("section_weights", torch.tensor(weights), persistent=False)
         attended_width = self.feature_dim if params.fusion == "reference" else dim
         if attended_width % params.fusion_heads:
             raise BadInputError(
@@ -173,6 +177,8 @@ class NTKCL(ContinualMethod):
         self._anchor: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None
         self._task: TaskInfo | None = None
+        modules = nn.ModuleDict({"current": self.current, "fusion": self.fusion})
+        self._regularised = [parameter for name, parameter in modules.named_parameters() if "weight" in name]
 
     def _peft_copy(self) -> nn.ModuleDict:
         backbone, params = self.backbone, self.params
@@ -247,21 +253,16 @@ class NTKCL(ContinualMethod):
         self.proxy_head = CosineLinear(self.feature_dim, task.num_new_classes).to(self.device)
         # The L2 anchor is the current copy and fusion as they stand when the task starts, i.e. at the end of
         # the previous task (at task 0: the initial values), flattened so the pull is a handful of kernels.
-        self._anchor = torch.cat([weight.detach().reshape(-1).float() for weight in self._regularised_weights()])
+        self._anchor = torch.cat([weight.detach().reshape(-1).float() for weight in self._regularised])
         self._basis = None if self.params.execution == "sequential" else self._orthogonality_basis()
 
     def _orthogonality_basis(self) -> torch.Tensor | None:
         old = self._task.known_classes if self._task is not None else 0
         return orthogonality_basis(self.prototypes.prototypes, self.params.orth_rank, old, self.params.orth_basis)
 
-    def _regularised_weights(self) -> list[nn.Parameter]:
-        """What the L2 pull covers: every weight (no bias) of the current copy and of the fusion."""
-        modules = nn.ModuleDict({"current": self.current, "fusion": self.fusion})
-        return [parameter for name, parameter in modules.named_parameters() if "weight" in name]
-
     def _regularisation(self) -> torch.Tensor:
         """Σ ‖θ − θ_anchor‖² over the regularised weights (a plain sum of squares, as the reference)."""
-        live = torch.cat([weight.reshape(-1) for weight in self._regularised_weights()]).float()
+        live = torch.cat([weight.reshape(-1) for weight in self._regularised]).float()
         return (live - self._anchor.to(live.device)).pow(2).sum()
 
     def _mutual_information(self, fused: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
