@@ -6,13 +6,13 @@ Tangent Kernel Perspective", arXiv 2407.17120); baselines run on the same engine
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_pretrained"]
+__all__ = ["ContinualModel", "__version__", "load_pretrained"]
 
 
 def __getattr__(name: str):
     # Loading pulls in torch and timm; `import ntkcl` stays light until it is used.
-    if name == "load_pretrained":
-        from ntkcl.export import load_pretrained
+    if name in ("ContinualModel", "load_pretrained"):
+        from ntkcl import export
 
-        return load_pretrained
+        return getattr(export, name)
     raise AttributeError(f"module 'ntkcl' has no attribute {name!r}")

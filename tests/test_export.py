@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelHubMixin
 from PIL import Image
 from safetensors import safe_open
 
@@ -23,6 +23,7 @@ from ntkcl.export import (
     HUB_CONFIG_NAME,
     METRICS_NAME,
     WEIGHTS_NAME,
+    ContinualModel,
     card_is_generated,
     load_pretrained,
     task_infos,
@@ -202,6 +203,20 @@ def test_card_metadata_parses_back_as_hub_metadata(cli, run_of, tmp_path):
     assert card.text.count("@article{liu2024ntkcl") == 1  # one citation per method
     summary = json.loads((folder / HUB_CONFIG_NAME).read_text())
     assert (summary["method"], summary["adapter_config"], summary["weights"]) == ("ntk-cl", CONFIG_NAME, WEIGHTS_NAME)
+
+
+def test_from_pretrained_and_save_pretrained_round_trip_bit_identical(cli, run_of, tmp_path):
+    folder = tmp_path / "export"
+    assert cli("export", run_of("ntk-cl"), "--out", folder).code == 0
+    model = ContinualModel.from_pretrained(folder)
+    assert isinstance(model, torch.nn.Module) and isinstance(model, ModelHubMixin)
+    again = tmp_path / "again"
+    model.save_pretrained(again)
+    assert sorted(p.name for p in again.iterdir()) == sorted(EXPORT_FILES)
+    for name in EXPORT_FILES:
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+    images = torch.rand(4, 3, 32, 32)
+    assert torch.equal(ContinualModel.from_pretrained(again)(images), model(images))
 
 
 def test_default_run_is_the_latest_under_runs(cli, run_of, tmp_path, monkeypatch):

@@ -3,13 +3,13 @@
 A real push and pull runs only when NTKCL_TEST_HUB_REPO and HF_TOKEN are set.
 """
 
+import importlib
 import json
 import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx2
 import huggingface_hub
 import pytest
 import torch
@@ -24,8 +24,13 @@ TOKEN = "hf_secretTOKENvalue123"
 
 
 def http_error(status: int, message: str) -> HfHubHTTPError:
-    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
-    return HfHubHTTPError(message, response=httpx2.Response(status, request=request))
+    return HfHubHTTPError(message, response=hub_response(status, "https://huggingface.co/api/repos/create"))
+
+
+def hub_response(status: int, url: str):
+    """A response of the HTTP library huggingface_hub uses (httpx before 2.0, httpx2 since)."""
+    http = importlib.import_module(huggingface_hub.errors.Response.__module__.split(".")[0])
+    return http.Response(status, request=http.Request("POST", url))
 
 
 class FakeHub:
@@ -73,17 +78,29 @@ class FakeHub:
                 target.write_bytes(hub.repos[repo_id]["files"][filename])
                 return str(target)
 
-            def upload_folder(self, *, repo_id, folder_path, commit_message=None, token=None, revision=None, **kw):
+            def upload_folder(
+                self, *, repo_id, folder_path, commit_message=None, token=None, revision=None, create_pr=None, **kw
+            ):
                 files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
                 self._call("upload_folder", token, repo_id=repo_id, files=sorted(files), message=commit_message)
+                hub.calls[-1][1]["create_pr"] = create_pr
+                if create_pr:
+                    url = f"https://huggingface.co/{repo_id}/discussions/1"
+                    return SimpleNamespace(commit_url=f"{url}/commit/def456", pr_url=url)
                 hub.repos[repo_id]["files"].update(files)
                 hub.repos[repo_id]["commits"].append(commit_message)
-                return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123")
+                return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123", pr_url=None)
 
         return Api()
 
     def called(self, name):
         return [details for call, details in self.calls if call == name]
+
+
+def set_offline(monkeypatch, offline: bool) -> None:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (once, at import: its `constants` module)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
 
 
 @pytest.fixture
@@ -92,7 +109,7 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    set_offline(monkeypatch, False)
     return hub
 
 
@@ -122,17 +139,35 @@ def test_push_creates_the_repo_and_uploads_the_folder_in_one_commit(fake_hub, ex
     assert fake_hub.tokens == {TOKEN}
     assert fake_hub.repos[repo_id]["private"] is True
     assert fake_hub.repos[repo_id]["files"][CONFIG_NAME] == (folder / CONFIG_NAME).read_bytes()
-    assert f'load_pretrained("{repo_id}")' in (folder / CARD_NAME).read_text()
+    assert f'ContinualModel.from_pretrained("{repo_id}")' in (folder / CARD_NAME).read_text()
     assert ("HfApi", {"library_name": "ntkcl", "library_version": ntkcl.__version__}) in fake_hub.calls
 
 
-def test_repo_id_revision_and_token_option(fake_hub, exporting, monkeypatch):
+def test_private_is_three_state_like_hf_upload(fake_hub, exporting):
+    for flags, sent in (((), None), (("--private",), True), (("--no-private",), False)):
+        result, _ = exporting("--hub", *flags, "--json")
+        assert result.code == 0, result.err
+        assert fake_hub.called("create_repo")[-1]["private"] is sent  # None: the namespace's default applies
+        assert result.json()["hub"]["private"] is sent
+
+
+def test_repo_id_revision_token_commit_message_and_pull_request(fake_hub, exporting, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     result, _ = exporting("--hub", "--repo-id", "team/my-adapters", "--revision", "v1", "--token", TOKEN)
     assert result.code == 0, result.err
     assert fake_hub.called("whoami") == []
     assert fake_hub.called("create_branch") == [{"repo_id": "team/my-adapters", "branch": "v1"}]
-    assert fake_hub.called("create_repo")[0]["private"] is False
+
+    flags = ("--hub", "--repo-id", "team/my-adapters", "--token", TOKEN, "--json")
+    result, _ = exporting(*flags, "--create-pr", "--commit-message", "Adapters after task 2")
+    assert result.code == 0, result.err
+    upload = fake_hub.called("upload_folder")[-1]
+    assert (upload["message"], upload["create_pr"]) == ("Adapters after task 2", True)
+    assert result.json()["hub"]["pull_request"] == "https://huggingface.co/team/my-adapters/discussions/1"
+
+    for bad in ("team/my--adapters", "datasets/team/x", "team/.hidden"):
+        assert_one_line_error(exporting("--hub", "--repo-id", bad, "--token", TOKEN)[0], "not a valid Hub repo id")
+    assert_one_line_error(exporting("--create-pr")[0], "only apply with --hub")
 
 
 def test_a_readme_edited_on_the_hub_is_kept_unless_forced(fake_hub, exporting):
@@ -161,7 +196,7 @@ def test_missing_token_and_offline_mode_are_bad_input(fake_hub, exporting, monke
     result, folder = exporting("--hub")
     assert_one_line_error(result, "no Hugging Face token", "HF_TOKEN")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    set_offline(monkeypatch, True)
     result, folder = exporting("--hub")
     assert_one_line_error(result, "HF_HUB_OFFLINE")
     assert not folder.exists()
@@ -194,13 +229,13 @@ def test_load_from_a_hub_repo_through_snapshot_download(cli, run_of, tmp_path, m
         requests.append((repo_id, kwargs))
         if repo_id != "someone/ntkcl-digits-finetune":
             raise huggingface_hub.errors.RepositoryNotFoundError(
-                "404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co"))
+                "404", response=hub_response(404, "https://huggingface.co")
             )
         return str(folder)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    set_offline(monkeypatch, False)
     result = cli("eval", "someone/ntkcl-digits-finetune", "--revision", "v1", "--json", "-q")
     assert result.code == 0, result.err
     assert result.json()["matches_export"] is True
@@ -209,15 +244,41 @@ def test_load_from_a_hub_repo_through_snapshot_download(cli, run_of, tmp_path, m
     assert set(kwargs["allow_patterns"]) == set(EXPORT_FILES)
 
     images = torch.rand(3, 3, 32, 32)
-    from_hub = ntkcl.load_pretrained("someone/ntkcl-digits-finetune")
+    cache = tmp_path / "elsewhere"
+    from_hub = ntkcl.ContinualModel.from_pretrained(
+        "someone/ntkcl-digits-finetune", cache_dir=cache, force_download=True, token="hf_x", revision="v2"
+    )
+    options = requests[-1][1]
+    assert (options["cache_dir"], options["force_download"], options["token"], options["revision"]) == (
+        cache,
+        True,
+        "hf_x",
+        "v2",
+    )
     assert torch.equal(from_hub.predict(images), ntkcl.load_pretrained(folder).predict(images))
+    assert from_hub.source == "someone/ntkcl-digits-finetune"
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ntkcl.load_pretrained("someone/ntkcl-digits-finetune", local_files_only=True)
+    assert requests[-1][1]["local_files_only"] is True
+    set_offline(monkeypatch, True)
     ntkcl.load_pretrained("someone/ntkcl-digits-finetune")
     assert requests[-1][1]["local_files_only"] is True
     assert_one_line_error(cli("eval", "someone/not-cached"), "not in the Hugging Face cache")
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    set_offline(monkeypatch, False)
     assert_one_line_error(cli("eval", "someone/missing"), "no Hub repo of that name")
+
+
+def test_push_to_hub_from_python_keeps_the_backbone_out(fake_hub, run_of, tmp_path):  # noqa: F811
+    folder = tmp_path / "export"
+    exported = ntkcl.export.export_run(run_of("finetune"), folder)
+    model = ntkcl.ContinualModel.from_pretrained(folder)
+    url = model.push_to_hub("team/from-python", commit_message="first", private=True)
+    assert url == "https://huggingface.co/team/from-python/commit/abc123"
+    assert fake_hub.called("create_repo")[-1]["private"] is True
+    uploaded = fake_hub.repos["team/from-python"]["files"]
+    assert sorted(uploaded) == sorted(EXPORT_FILES)
+    assert uploaded == {name: (folder / name).read_bytes() for name in EXPORT_FILES}
+    assert exported.config["method"] == json.loads(uploaded[CONFIG_NAME])["method"]
 
 
 def test_card_marker_survives_a_round_trip_through_render(run_of):  # noqa: F811

@@ -27,8 +27,16 @@ def export(
     ),
     hub: bool = typer.Option(False, "--hub", help="Also push the folder to the Hugging Face Hub."),
     repo_id: str | None = typer.Option(None, "--repo-id", help="Hub repo (default <user>/ntkcl-<stream>-<method>)."),
-    private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
+    private: bool | None = typer.Option(
+        None,
+        "--private/--no-private",
+        help="Visibility of a repo created now (default: the Hub's default for the namespace).",
+    ),
     revision: str | None = typer.Option(None, "--revision", help="Hub branch to push to (created if missing)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
+    commit_message: str | None = typer.Option(
+        None, "--commit-message", help="Commit message (default: method, stream, tasks and A_T)."
+    ),
     token: str | None = typer.Option(
         None, "--token", help="Hub token (default: HF_TOKEN, then the saved login; prefer those to this flag)."
     ),
@@ -38,18 +46,22 @@ def export(
     ),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
-    """Export the learned state of a run: adapter_model.safetensors, adapter_config.json, README.md, metrics.json.
+    """Export the learned state of a run: adapter_model.safetensors, adapter_config.json, config.json, README.md, metrics.json.
 
     A run that has not finished every task is exported as far as its finished tasks go; the output, the config (`"finished": false`, `finished_tasks`, `num_tasks`) and the model card say so. A run with no finished task is an error (exit 2).
 
-    With --hub the folder is written first, then pushed in one commit; a failed push leaves it intact. The token comes from --token, else HF_TOKEN, else the saved login.
+    With --hub the folder is written first, then pushed in one commit (or a pull request with --create-pr); a failed push leaves it intact. The token comes from --token, else HF_TOKEN, else the saved login. Without --private/--no-private a new repo gets the Hub's default visibility; an existing repo keeps its own.
     """
     _common.set_json(json_output)
     from ntkcl import export as exporting
     from ntkcl.engine import rundir
 
-    if not hub and (repo_id or private or revision or token or force):
-        raise BadInputError("--repo-id, --private, --revision, --token and --force only apply with --hub")
+    hub_options = (repo_id, private, revision, token, commit_message, force or None, create_pr or None)
+    if not hub and any(option is not None for option in hub_options):
+        raise BadInputError(
+            "--repo-id, --private/--no-private, --revision, --token, --commit-message, --force and --create-pr "
+            "only apply with --hub"
+        )
     source = rundir.check_run_dir(run_dir) if run_dir is not None else rundir.latest_run(Path("runs"))
     if hub:
         from ntkcl.config import load_config
@@ -84,7 +96,15 @@ def export(
 
         try:
             pushed = push_export(
-                result.folder, document, repo_id, private=private, revision=revision, token=token, force=force
+                result.folder,
+                document,
+                repo_id,
+                private=private,
+                revision=revision,
+                token=token,
+                force=force,
+                create_pr=create_pr,
+                commit_message=commit_message,
             )
         except (BadInputError, RunFailedError) as error:
             raise type(error)(f"{error} (the local export in {result.folder} is complete)") from error
@@ -96,9 +116,11 @@ def export(
             "private": pushed.private,
             "uploaded": pushed.uploaded,
             "readme": pushed.readme,
+            "pull_request": pushed.pull_request,
         }
         if not json_output:
-            _common.stdout.print(f"pushed to {pushed.url} ({pushed.commit})", highlight=False)
+            where = f"pull request {pushed.pull_request}" if pushed.pull_request else pushed.commit
+            _common.stdout.print(f"pushed to {pushed.url} ({where})", highlight=False)
         if pushed.readme == "kept":
             _common.stderr.print(
                 "kept the README.md edited on the Hub; pass --force to replace it with the generated card",

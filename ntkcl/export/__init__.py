@@ -7,7 +7,8 @@ One module per concern, imported in one direction:
     card         the model card (README.md)
     folder       run directory -> export folder
     hub          push a folder to the Hub, download one back
-    pretrained   export folder or Hub repo -> model
+    pretrained   export folder or Hub repo -> model (an nn.Module with from_pretrained / save_pretrained /
+                 push_to_hub)
     evaluation   score a loaded export on a prepared stream
 """
 
@@ -23,7 +24,7 @@ from ntkcl.export.constants import (
 from ntkcl.export.document import build_export_config, read_export_config, task_infos
 from ntkcl.export.evaluation import evaluate_pretrained
 from ntkcl.export.folder import ExportResult, export_run
-from ntkcl.export.pretrained import PretrainedModel, load_pretrained
+from ntkcl.export.pretrained import ContinualModel, load_pretrained
 
 __all__ = [
     "CARD_NAME",
@@ -32,8 +33,8 @@ __all__ = [
     "HUB_CONFIG_NAME",
     "METRICS_NAME",
     "WEIGHTS_NAME",
+    "ContinualModel",
     "ExportResult",
-    "PretrainedModel",
     "build_export_config",
     "card_is_generated",
     "evaluate_pretrained",

@@ -222,9 +222,9 @@ def render_card(document: dict, metrics: dict, license_id: str | None = None, re
         "",
         "```python",
         "import ntkcl",
-        f'model = ntkcl.load_pretrained("{where}")',
-        "logits = model.predict(images)           # images: PIL images or a (B, 3, H, W) tensor in [0, 1]",
-        "names = model.class_names                # stream order, the logits' columns",
+        f'model = ntkcl.ContinualModel.from_pretrained("{where}")  # a torch.nn.Module',
+        "logits = model.predict(images)  # images: PIL images or a (B, 3, H, W) tensor in [0, 1]",
+        "names = model.class_names       # stream order, the logits' columns",
         "```",
     ]
     training = document["training"]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from ntkcl.errors import BadInputError
 from ntkcl.export.document import run_config_of
-from ntkcl.export.pretrained import PretrainedModel
+from ntkcl.export.pretrained import ContinualModel
 
 
 def evaluate_pretrained(
-    model: PretrainedModel,
+    model: ContinualModel,
     dataset: str | None = None,
     data_root: Path | None = None,
     batch_size: int = 128,

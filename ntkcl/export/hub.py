@@ -7,8 +7,6 @@ kept unless `force`. The token is never printed: messages that could echo it are
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,12 +17,17 @@ from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.export.card import card_is_generated
 from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, LIBRARY_NAME
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TRUE_VALUES = ("1", "on", "yes", "true")
 
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if the Hub would accept it (`huggingface_hub.utils.validate_repo_id`), else a BadInputError."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_VALUES
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise BadInputError(f"{repo_id!r} is not a valid Hub repo id: {_first_line(error, None)}") from error
+    return repo_id
 
 
 def resolve_token(token: str | None) -> str:
@@ -74,9 +77,10 @@ class PushResult:
     url: str
     commit: str | None
     revision: str | None
-    private: bool
+    private: bool | None  # None: the Hub's default for the namespace
     uploaded: list[str]
     readme: str  # "uploaded" or "kept"
+    pull_request: str | None = None
 
 
 def _api():
@@ -93,12 +97,10 @@ def resolve_repo_id(repo_id: str | None, token: str, dataset: str, method: str) 
         except Exception as error:
             raise _hub_error(error, "identify the owner of the token for", "the default repo", token) from error
         repo_id = f"{user}/ntkcl-{dataset}-{method}"
-    if not REPO_ID.match(repo_id):
-        raise BadInputError(f"--repo-id {repo_id!r} is not of the form user/name")
-    return repo_id
+    return check_repo_id(repo_id)
 
 
-def commit_message(document: dict) -> str:
+def default_commit_message(document: dict) -> str:
     final = (document.get("metrics") or {}).get("final_accuracy")
     score = f", A_T {final:.2f}%" if final is not None else ""
     tasks = f"{document['finished_tasks']}/{document['num_tasks']} tasks"
@@ -107,7 +109,9 @@ def commit_message(document: dict) -> str:
 
 def check_can_push(token: str | None) -> str:
     """Fail before any work when a push cannot happen (offline mode, no token); returns the token."""
-    if offline():
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
         raise BadInputError("HF_HUB_OFFLINE is set: --hub needs the network (unset it, or export and push later)")
     return resolve_token(token)
 
@@ -129,12 +133,27 @@ def push_export(
     document: dict,
     repo_id: str,
     *,
-    private: bool = False,
+    private: bool | None = None,
     revision: str | None = None,
     token: str | None = None,
     force: bool = False,
+    create_pr: bool = False,
+    commit_message: str | None = None,
 ) -> PushResult:
-    """Upload an export folder to the Hub in one commit (the local folder is never modified)."""
+    """Upload an export folder to the Hub in one commit (the local folder is never modified).
+
+    Args:
+        folder: the export folder.
+        document: its adapter_config.json (for the default commit message).
+        repo_id: the target repo, created when missing.
+        private: visibility of a repo created now (None: the Hub's default for the namespace); an existing
+            repo keeps its visibility.
+        revision: the branch to commit to (created when missing).
+        token: default: HF_TOKEN or the saved login.
+        force: replace a README.md that was edited on the Hub.
+        create_pr: open a pull request with the files instead of committing to the branch.
+        commit_message: default: method, stream, finished tasks and A_T.
+    """
     token = check_can_push(token)
     api = _api()
     try:
@@ -160,7 +179,8 @@ def push_export(
                 repo_type="model",
                 revision=revision,
                 token=token,
-                commit_message=commit_message(document),
+                commit_message=commit_message or default_commit_message(document),
+                create_pr=create_pr,
                 commit_description=f"Exported with `ntkcl export` from run {document['training']['run']}.",
             )
         except Exception as error:
@@ -174,31 +194,39 @@ def push_export(
         private=private,
         uploaded=uploaded,
         readme=readme,
+        pull_request=getattr(info, "pr_url", None),
     )
 
 
-def download_export(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
-    """The local snapshot of a Hub repo's export (from the cache only when HF_HUB_OFFLINE is set)."""
-    from huggingface_hub import snapshot_download
+def download_export(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+) -> Path:
+    """The local snapshot of a Hub repo's export (from the cache only with `local_files_only` or HF_HUB_OFFLINE)."""
+    from huggingface_hub import is_offline_mode, snapshot_download
 
-    if not REPO_ID.match(repo_id):
-        raise BadInputError(f"{repo_id} is neither a local folder nor a Hub repo id (user/name)")
-    local_only = offline()
+    check_repo_id(repo_id)
+    local_only = local_files_only or is_offline_mode()
     try:
         folder = snapshot_download(
             repo_id,
             revision=revision,
             token=token,
             allow_patterns=list(EXPORT_FILES),
+            cache_dir=cache_dir,
+            force_download=force_download,
             library_name=LIBRARY_NAME,
             library_version=ntkcl.__version__,
             local_files_only=local_only,
         )
     except Exception as error:
         if local_only:
-            raise BadInputError(
-                f"{repo_id} is not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
-            ) from error
+            why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "local_files_only"
+            raise BadInputError(f"{repo_id} is not a local folder and not in the Hugging Face cache ({why})") from error
         status = _status(error)
         if status in (401, 403, 404) or type(error).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
             raise BadInputError(

@@ -31,7 +31,7 @@ from ntkcl.models.backbone import (
     run_block_range,
     state_dict_sha256,
 )
-from ntkcl.models.weights import BackboneOrigin, check_checkpoint, weights_file
+from ntkcl.models.weights import BackboneOrigin, weights_file
 
 CLIP_PREFIX = "clip:"
 SCHEMAS = ("hf-hub:", "local-dir:")
@@ -263,7 +263,7 @@ def describe_clip_backbone(name: str, model_kwargs: dict | None, weights: str | 
     """A `clip:` name checked without building the model (see `ntkcl.models.backbone.describe_backbone`)."""
     model_name, tag, _ = _resolve(name)
     if weights is not None:
-        check_checkpoint(weights, name)
+        weights_file(weights)  # its content is open_clip's to read (OpenAI's TorchScript archives included)
     return BackboneDescription(_origin(name, model_name, tag, False, None), "open_clip CLIP", CLIP_FEATURES)
 
 
