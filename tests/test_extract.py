@@ -79,3 +79,20 @@ def test_staged_folder_is_all_or_nothing(tmp_path):
         (stage / "new.txt").write_text("y")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
+
+
+def test_extraction_without_tarfile_filters(tmp_path, monkeypatch):
+    """Python 3.10 before 3.10.12 has no extraction filters: the member checks alone keep extraction safe."""
+    original = tarfile.TarFile.extractall
+
+    def extractall_without_filter(self, path=".", members=None, *, numeric_owner=False):
+        return original(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall_without_filter)
+    good = _write(tmp_path, "ok.tar", tar_bytes({"d/a.txt": b"a"}, mode="w", extra=[_link("d/b.txt", "a.txt")]))
+    extract_archive(good, tmp_path / "out")
+    assert (tmp_path / "out/d/b.txt").read_bytes() == b"a"
+    bad = _write(tmp_path, "bad.tar.gz", tar_bytes({"ok.txt": b"x"}, extra=[_link("escape", "../../etc/passwd")]))
+    with pytest.raises(UnsafeArchiveError, match="refusing"):
+        extract_archive(bad, tmp_path / "bad")

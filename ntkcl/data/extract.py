@@ -60,6 +60,12 @@ def _zip_is_symlink(info: zipfile.ZipInfo) -> bool:
     return (info.external_attr >> 16) & 0o170000 == 0o120000
 
 
+def extraction_filter() -> dict:
+    """`filter="data"` where `tarfile` has extraction filters (Python 3.10.12+, 3.11.4+); older 3.10 and 3.11
+    releases lack the argument, and the member checks above are what keeps extraction inside the target."""
+    return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
 def extract_archive(archive: Path, destination: Path) -> None:
     """Extract a tar (any compression) or zip archive into `destination` after checking every member.
 
@@ -87,7 +93,7 @@ def extract_archive(archive: Path, destination: Path) -> None:
             members = bundle.getmembers()
             for member in members:
                 _check_tar_member(member, archive)
-            bundle.extractall(destination, members=members, filter="data")
+            bundle.extractall(destination, members=members, **extraction_filter())
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise DamagedArchiveError(f"{archive} is damaged or truncated ({error})") from error
 
