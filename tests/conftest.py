@@ -105,6 +105,53 @@ def fake_hf_cache(tmp_path, monkeypatch):
     return FakeHubCache(root, snapshot)
 
 
+# The protocol of the runs `run_of` trains once per session and the tests that compare against them.
+SHARED_RUN_PROTOCOL = {"init_classes": 5, "increment": 5, "batch_size": 64}
+_SHARED_RUNS: dict[str, object] = {}
+
+
+def trained_run(method, base, data_root):
+    """A finished two-task digits run of `method` on the tiny ViT (the tiny CLIP for CLIP methods), trained
+    once per test session."""
+    if method not in _SHARED_RUNS:
+        from ntkcl.cli import main
+        from ntkcl.methods.registry import get_method
+        from ntkcl.models.backbone import CLIP_TOWERS
+
+        out = base / method
+        clip = CLIP_TOWERS in get_method(method).required_backbone_features
+        argv = [*tiny_digits_run(**SHARED_RUN_PROTOCOL), "--method", method, "--out", str(out)]
+        if clip:
+            start = argv.index(TINY_BACKBONE_FLAGS[0])
+            argv[start : start + len(TINY_BACKBONE_FLAGS)] = TINY_CLIP_FLAGS
+        threads = torch.get_num_threads()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("NTKCL_DATA_ROOT", str(data_root))
+            if clip:
+                # The CLIP methods' small SVDs and QRs crawl on two threads of a busy machine.
+                torch.set_num_threads(1)
+            try:
+                main(argv)
+            finally:
+                torch.set_num_threads(threads)
+        (run,) = [p for p in out.iterdir() if p.is_dir()]
+        _SHARED_RUNS[method] = run
+    return _SHARED_RUNS[method]
+
+
+@pytest.fixture(scope="session")
+def session_dirs(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared-runs"), tmp_path_factory.mktemp("shared-data")
+
+
+@pytest.fixture
+def run_of(session_dirs, monkeypatch):
+    """`run_of(method)`: the session's shared digits run of that method (see `trained_run`)."""
+    base, data = session_dirs
+    monkeypatch.setenv("NTKCL_DATA_ROOT", str(data))
+    return lambda method: trained_run(method, base, data)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

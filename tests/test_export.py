@@ -29,50 +29,8 @@ from ntkcl.export import (
     task_infos,
 )
 from ntkcl.export.card import EVALUATED
-from ntkcl.methods.registry import discover_methods, get_method
-from ntkcl.models.backbone import CLIP_TOWERS
-from tests.conftest import TINY_BACKBONE_FLAGS, TINY_CLIP_FLAGS
+from ntkcl.methods.registry import discover_methods
 from tests.test_cli_bad_input import assert_one_line_error
-
-_RUNS: dict[str, object] = {}
-
-
-def trained_run(method, base, data_root):
-    """A finished two-task digits run of `method` on the tiny ViT, trained once per test session."""
-    if method not in _RUNS:
-        from ntkcl.cli import main
-
-        out = base / method
-        clip = CLIP_TOWERS in get_method(method).required_backbone_features
-        flags = TINY_CLIP_FLAGS if clip else TINY_BACKBONE_FLAGS
-        argv = ["train", "--stream", "digits", "--method", method, *flags]
-        argv += ["--init-classes", "5", "--increment", "5", "--epochs", "1", "--batch-size", "64"]
-        argv += ["--num-workers", "0", "-q", "--out", str(out)]
-        threads = torch.get_num_threads()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("NTKCL_DATA_ROOT", str(data_root))
-            if clip:
-                # The CLIP methods' small SVDs and QRs crawl on two threads of a busy machine.
-                torch.set_num_threads(1)
-            try:
-                main(argv)
-            finally:
-                torch.set_num_threads(threads)
-        (run,) = [p for p in out.iterdir() if p.is_dir()]
-        _RUNS[method] = run
-    return _RUNS[method]
-
-
-@pytest.fixture(scope="session")
-def session_dirs(tmp_path_factory):
-    return tmp_path_factory.mktemp("export-runs"), tmp_path_factory.mktemp("export-data")
-
-
-@pytest.fixture
-def run_of(session_dirs, monkeypatch):
-    base, data = session_dirs
-    monkeypatch.setenv("NTKCL_DATA_ROOT", str(data))
-    return lambda method: trained_run(method, base, data)
 
 
 def _method_cases():

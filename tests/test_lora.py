@@ -171,3 +171,12 @@ def test_weight_delta_folds_into_a_merged_delta_beside_the_untouched_weight():
     torch.testing.assert_close(attention.in_proj_weight, pretrained + expected)
     with pytest.raises(ValueError):
         attach_weight_delta(nn.Linear(4, 4), "weight", [], []).fold()
+
+
+def test_orthogonal_rows_against_earlier_rows_span_their_complement():
+    earlier = torch.randn(6, 16, generator=torch.Generator().manual_seed(4))
+    rows = orthogonal_rows(4, 16, torch.Generator().manual_seed(5), against=earlier)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(earlier @ rows.T, torch.zeros(6, 4), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        orthogonal_rows(11, 16, against=earlier)

@@ -121,27 +121,38 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def metrics_table(metrics: dict, title: str = "Accuracy (%) after each task") -> Table:
-    """R[t][i] with the all-seen, old and new accuracy of each step (after the zero-shot row, if any)."""
-    zero_shot = metrics.get("zero_shot_accuracy")
-    size = len(zero_shot) if zero_shot else metrics["num_tasks"]
+def _matrix_table(
+    title: str,
+    matrix: list[list[float | None]],
+    columns: dict[str, list[float | None]],
+    zero_shot: list[float] | None = None,
+) -> Table:
+    """One row per step: R[t][0..], then the named per-step columns (the first in bold); a zero-shot row first."""
     table = Table(title=title, title_justify="left")
     table.add_column("after task", justify="right")
-    for i in range(size):
+    for i in range(len(zero_shot) if zero_shot else len(matrix)):
         table.add_column(f"T{i}", justify="right")
-    for name in ("all seen", "old", "new"):
-        table.add_column(name, justify="right", style="bold" if name == "all seen" else None)
+    for position, name in enumerate(columns):
+        table.add_column(name, justify="right", style="bold" if position == 0 else None)
     if zero_shot:
-        table.add_row("zero-shot", *[_percent(value) for value in zero_shot], "-", "-", "-")
-    for t, row in enumerate(metrics["accuracy_matrix"]):
+        table.add_row("zero-shot", *[_percent(value) for value in zero_shot], *["-"] * len(columns))
+    for t, row in enumerate(matrix):
         table.add_row(
-            str(t),
-            *[_percent(value) for value in row],
-            _percent(metrics["all_seen_accuracy"][t]),
-            _percent(metrics["old_accuracy"][t]),
-            _percent(metrics["new_accuracy"][t]),
+            str(t), *[_percent(value) for value in row], *[_percent(values[t]) for values in columns.values()]
         )
     return table
+
+
+def metrics_table(metrics: dict, title: str = "Accuracy (%) after each task") -> Table:
+    """R[t][i] with the all-seen, old and new accuracy of each step (after the zero-shot row, if any)."""
+    columns = {"all seen": metrics["all_seen_accuracy"], "old": metrics["old_accuracy"], "new": metrics["new_accuracy"]}
+    return _matrix_table(title, metrics["accuracy_matrix"], columns, metrics.get("zero_shot_accuracy"))
+
+
+def retrieval_table(retrieval: dict) -> Table:
+    """Ret[t][i]: the share of task i's test images whose retrieved task is i, and its pooled value per step."""
+    title = "Task retrieval (%): test images of task i whose retrieved task is i"
+    return _matrix_table(title, retrieval["accuracy_matrix"], {"all seen": retrieval["all_seen_accuracy"]})
 
 
 def metrics_summary(metrics: dict) -> str:
@@ -161,4 +172,6 @@ def metrics_summary(metrics: dict) -> str:
 
 def print_metrics(metrics: dict, title: str = "Accuracy (%) after each task") -> None:
     stdout.print(metrics_table(metrics, title))
+    if metrics.get("task_retrieval"):
+        stdout.print(retrieval_table(metrics["task_retrieval"]))
     stdout.print(metrics_summary(metrics), highlight=False)

@@ -51,6 +51,11 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(self.indices)
 
+    @staticmethod
+    def unsharded_positions(local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        """Where the shard's `local`-th samples sit in the unsharded order (the inverse of `[rank::world]`)."""
+        return local * world_size + rank
+
 
 @contextlib.contextmanager
 def seeded_generators(seed: int) -> Iterator[None]:

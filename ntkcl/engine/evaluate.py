@@ -80,6 +80,13 @@ class TaskImages:
         stream = self._scoring.stream
         return self._scoring.batches(stream.train, stream.train_indices(self._task))
 
+    def indexed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        ctx, seen = self._scoring.ctx, 0
+        for images, labels in self.batches():
+            local = torch.arange(seen, seen + len(labels), device=labels.device)
+            yield images, labels, ShardSampler.unsharded_positions(local, ctx.rank, ctx.world_size)
+            seen += len(labels)
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._scoring.ctx.all_reduce_sum(tensor)
 
@@ -89,27 +96,42 @@ def evaluates_untrained_tasks(method: ContinualMethod, stream: Stream) -> bool:
     return stream.scenario == TASK_INCREMENTAL and method.zero_shot
 
 
+@dataclass
+class TaskScores:
+    """One evaluation: (correct, total) per evaluated task, and for a method that retrieves a task per image
+    (class-incremental streams), (test images whose retrieved task is their own, total) per task."""
+
+    counts: list[tuple[int, int]]
+    retrieval: list[tuple[int, int]] | None = None
+
+
 @torch.no_grad()
-def evaluate(method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo | None) -> list[tuple[int, int]]:
-    """(correct, total) for each evaluated task after training task `upto` (None: before the first task)."""
+def evaluate(method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo | None) -> TaskScores:
+    """Scores of each evaluated task after training task `upto` (None: before the first task)."""
     method.eval()
     stream, ctx = scoring.stream, scoring.ctx
     if stream.scenario == TASK_INCREMENTAL:
-        return _evaluate_task_aware(method, scoring, upto)
+        return TaskScores(_evaluate_task_aware(method, scoring, upto))
     num_tasks = upto.index + 1
     task_of_label = torch.as_tensor(stream.task_of_label(), device=ctx.device)
     correct = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
+    retrieved_correct = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
     total = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
+    retrieves = False
     for images, labels in scoring.batches(stream.test, stream.test_indices(upto)):
         with autocast_for(ctx.device, scoring.precision):
-            logits = method.predict(images)
+            logits, retrieved = method.predict_with_task(images)
         predictions = logits.float().argmax(dim=1)
         tasks = task_of_label[labels]
         correct.index_add_(0, tasks, (predictions == labels).long())
         total.index_add_(0, tasks, torch.ones_like(labels))
-    ctx.all_reduce_sum(correct)
-    ctx.all_reduce_sum(total)
-    return list(zip(correct.tolist(), total.tolist()))
+        if retrieved is not None:
+            retrieves = True
+            retrieved_correct.index_add_(0, tasks, (retrieved.to(tasks.device) == tasks).long())
+    for counts in (correct, total, retrieved_correct):
+        ctx.all_reduce_sum(counts)
+    retrieval = list(zip(retrieved_correct.tolist(), total.tolist())) if retrieves else None
+    return TaskScores(list(zip(correct.tolist(), total.tolist())), retrieval)
 
 
 def _evaluate_task_aware(
@@ -159,6 +181,7 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     from ntkcl.engine import rundir
     from ntkcl.engine.builders import build_backbone, build_method, build_stream
     from ntkcl.engine.distributed import init_distributed
+    from ntkcl.engine.metrics import retrieval_summary
     from ntkcl.errors import BadInputError
 
     run_dir = rundir.check_run_dir(Path(run_dir))
@@ -183,23 +206,30 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
         return method
 
     initial = fresh_method()
-    zero_shot = evaluate(initial.to(ctx.device), scoring, None) if evaluates_untrained_tasks(initial, stream) else None
-    rows = []
+    zero_shot = None
+    if evaluates_untrained_tasks(initial, stream):
+        zero_shot = evaluate(initial.to(ctx.device), scoring, None).counts
+    scores = []
     for index, checkpoint in enumerate(checkpoints):
-        state, _ = rundir.load_checkpoint(checkpoint)
+        state, _ = rundir.load_checkpoint(checkpoint)  # older checkpoints have no training-only state: not needed
         method = fresh_method()
         method.load_learned_state(state, stream.tasks()[: index + 1])
         method.to(ctx.device)
-        rows.append(evaluate(method, scoring, stream.task(index)))
+        scores.append(evaluate(method, scoring, stream.task(index)))
         if reporter is not None:
             reporter.message(f"evaluated task {index + 1}/{len(checkpoints)}")
-    matrix = AccuracyMatrix.from_rows(rows, zero_shot)
+    matrix = AccuracyMatrix.from_rows([score.counts for score in scores], zero_shot)
+    metrics = matrix.summary()
+    if scores[0].retrieval is not None:
+        metrics["task_retrieval"] = retrieval_summary(AccuracyMatrix.from_rows([score.retrieval for score in scores]))
     reported = rundir.read_json(run_dir / rundir.METRICS_FILE) if (run_dir / rundir.METRICS_FILE).is_file() else {}
     comparison = compare_with_training(reported, matrix)
+    if comparison == "identical" and reported.get("task_retrieval") != metrics.get("task_retrieval"):
+        comparison = "different"
     return {
         "run_dir": str(run_dir),
         "finished": len(checkpoints) == stream.num_tasks,
-        "metrics": matrix.summary(),
+        "metrics": metrics,
         "training_metrics": comparison,
         "matches_training": comparison == "identical",
     }

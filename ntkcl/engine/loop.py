@@ -123,8 +123,8 @@ class Trainer:
         images = [len(self.stream.train_indices(task)) for task in self.stream.tasks()]
         return sum(optim.epochs * (count // optim.batch_size) for count in images)
 
-    def _restore(self) -> list[list[tuple[int, int]]]:
-        """Load the last finished checkpoint; return the accuracy rows of the finished tasks."""
+    def _restore(self) -> list[dict]:
+        """Load the last finished checkpoint; return the task records of the finished tasks."""
         checkpoints = rundir.finished_checkpoints(self.run_dir)
         expected = [rundir.checkpoint_dir(self.run_dir, i).name for i in range(len(checkpoints))]
         if [p.name for p in checkpoints] != expected:
@@ -138,11 +138,10 @@ class Trainer:
             raise BadInputError("the class order differs from the one this run started with")
         if saved["dataset"]["manifest_sha256"] != self.provenance.sha256:
             raise BadInputError("the data differs from the one this run started with (manifest sha256 mismatch)")
-        rows = [[tuple(pair) for pair in rundir.read_json(p / rundir.TASK_FILE)["counts"]] for p in checkpoints]
         state, _ = rundir.load_checkpoint(checkpoints[-1])
         self.method.load_learned_state(state, self.stream.tasks()[: len(checkpoints)])
         self.method.to(self.ctx.device)
-        return rows
+        return rundir.task_records(self.run_dir, len(checkpoints))
 
     def run(self, resume: bool = False) -> RunResult:
         ctx = self.ctx
@@ -159,33 +158,42 @@ class Trainer:
             rundir.append_log(self.run_dir, {**event, "mode": plan.mode} if plan.enabled else event)
         if evaluates_untrained_tasks(self.method, self.stream):
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
-        rows = self._restore() if resume else []
+        records = self._restore() if resume else []
         started = time.perf_counter()
-        snapshot = rundir.latest_snapshot(self.run_dir, len(rows)) if resume else None
+        snapshot = rundir.latest_snapshot(self.run_dir, len(records)) if resume else None
         if snapshot is not None:
             self.reporter.message(f"resuming {self.run_dir.name} from snapshot {snapshot.name}")
-        elif resume and rows:
-            self.reporter.message(f"resuming {self.run_dir.name} after task {len(rows)}/{self.stream.num_tasks}")
-        for task in self.stream.tasks()[len(rows) :]:
-            rows.append(self._run_task(task, snapshot if task.index == len(rows) else None))
-        matrix = AccuracyMatrix.from_rows(rows, self.zero_shot) if rows else None
+        elif resume and records:
+            self.reporter.message(f"resuming {self.run_dir.name} after task {len(records)}/{self.stream.num_tasks}")
+        for task in self.stream.tasks()[len(records) :]:
+            records.append(self._run_task(task, snapshot if task.index == len(records) else None, records))
+        matrix = self._matrix(records) if records else None
         metrics = {}
         if ctx.is_main and matrix is not None:
-            metrics = rundir.write_metrics(
-                self.run_dir,
-                matrix,
-                finished=True,
-                extra={"wall_time_s_last_session": time.perf_counter() - started},
-            )
+            extra = {"wall_time_s_last_session": time.perf_counter() - started}
+            metrics = self._write_metrics(records, finished=True, extra=extra)
         ctx.barrier()
         return RunResult(self.run_dir, matrix, metrics, finished=True, main_process=ctx.is_main)
+
+    def _matrix(self, records: list[dict]) -> AccuracyMatrix:
+        return AccuracyMatrix.from_rows([record["counts"] for record in records], self.zero_shot)
+
+    def _write_metrics(self, records: list[dict], finished: bool, extra: dict | None = None) -> dict:
+        """metrics.json and acc_matrix.csv from the task records: accuracy, task retrieval (methods that
+        retrieve a task per image) and the method's per-task diagnostics."""
+        retrieval = None
+        if all("retrieval" in record for record in records):
+            retrieval = AccuracyMatrix.from_rows([record["retrieval"] for record in records])
+        if any("diagnostics" in record for record in records):
+            extra = {**(extra or {}), "task_diagnostics": [record.get("diagnostics") for record in records]}
+        return rundir.write_metrics(self.run_dir, self._matrix(records), finished, extra, retrieval)
 
     def _zero_shot_row(self) -> list[tuple[int, int]]:
         """Every task scored before the first is trained: computed once, kept in the run folder for resumes."""
         path = self.run_dir / rundir.ZERO_SHOT_FILE
         if path.is_file():
             return [tuple(pair) for pair in rundir.read_json(path)["counts"]]
-        counts = evaluate(self.method, self.scoring, None)
+        counts = evaluate(self.method, self.scoring, None).counts
         if self.ctx.is_main:
             rundir.write_json(path, {"counts": counts})
             scores = ", ".join(f"{100.0 * c / n:.2f}" for c, n in counts)
@@ -193,7 +201,8 @@ class Trainer:
         self.ctx.barrier()
         return counts
 
-    def _run_task(self, task: TaskInfo, snapshot: Path | None) -> list[tuple[int, int]]:
+    def _run_task(self, task: TaskInfo, snapshot: Path | None, earlier: list[dict]) -> dict:
+        """Train, summarise and evaluate one task; returns its record (the checkpoint's `task.json`)."""
         ctx, config = self.ctx, self.config
         started = time.perf_counter()
         compiled_before = compile_seconds() if self.compiled else 0.0
@@ -207,19 +216,24 @@ class Trainer:
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
         self.method.eval()
         with torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
-            self.method.end_task(task, TaskImages(self.scoring, task))
-        counts = evaluate(self.method, self.scoring, task)
+            diagnostics = self.method.end_task(task, TaskImages(self.scoring, task))
+        scores = evaluate(self.method, self.scoring, task)
         seconds = time.perf_counter() - started
+        record = {"task": task.index, "counts": scores.counts, "epochs": epochs, "seconds": seconds}
+        if scores.retrieval is not None:
+            record["retrieval"] = scores.retrieval
+        if diagnostics:
+            record["diagnostics"] = diagnostics
         if ctx.is_main:
-            record = {"task": task.index, "counts": counts, "epochs": epochs, "seconds": seconds}
             if self.compiled:
                 record["compile_s"] = compile_seconds() - compiled_before
-            rundir.save_checkpoint(self.run_dir, task.index, self.method.learned_state(), record)
+            state = self.method.learned_state()
+            rundir.save_checkpoint(self.run_dir, task.index, state, record, self.method.is_training_only)
+            if task.index > 0:
+                rundir.drop_training_state(rundir.checkpoint_dir(self.run_dir, task.index - 1))
             rundir.remove_snapshots(self.run_dir)
             rundir.append_log(self.run_dir, {"event": "task_end", **record})
-            matrix = AccuracyMatrix.from_rows(self._rows_so_far(task, counts), self.zero_shot)
-            rundir.write_metrics(self.run_dir, matrix, finished=task.is_last)
-            seen = matrix.all_seen_accuracy()[-1]
+            seen = self._write_metrics([*earlier, record], finished=task.is_last)["all_seen_accuracy"][-1]
             scope = (
                 f"{task.total_classes} seen classes"
                 if task.scenario == CLASS_INCREMENTAL
@@ -229,17 +243,7 @@ class Trainer:
                 f"task {task.index + 1}/{task.num_tasks}: accuracy on {scope} {seen:.2f}% ({seconds:.1f}s)"
             )
         ctx.barrier()
-        return counts
-
-    def _rows_so_far(self, task: TaskInfo, counts: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        rows = [
-            [
-                tuple(pair)
-                for pair in rundir.read_json(rundir.checkpoint_dir(self.run_dir, i) / rundir.TASK_FILE)["counts"]
-            ]
-            for i in range(task.index)
-        ]
-        return [*rows, counts]
+        return record
 
     def _train(self, task: TaskInfo, snapshot: Path | None) -> list[dict]:
         """Train the current task (from `snapshot` when resuming inside it); returns one record per epoch."""

@@ -19,6 +19,10 @@ after all N tasks, unweighted means over datasets:
 * Transfer = (1/(N-1)) sum_{i=1..N-1} mean_{j<i} R[j][i]   (accuracy on dataset i before it is trained)
 * Avg      = (1/N) sum_i mean_{j=0..N-1} R[j][i]
 * Last     = (1/N) sum_i R[N-1][i]
+
+Methods that retrieve a task per test image (PROTEUS) also get a retrieval matrix of the same shape on
+class-incremental streams: Ret[t][i] is the percentage of task i's test images whose retrieved task is i,
+after training task t.
 """
 
 from __future__ import annotations
@@ -195,14 +199,28 @@ class AccuracyMatrix:
             "avg_per_task": self.average_per_task(),
         }
 
-    def to_csv(self) -> str:
+    def to_csv(self, retrieval: AccuracyMatrix | None = None) -> str:
         """`acc_matrix.csv`: one row per training step (after a `zero-shot` row where there is one), one column
-        per task, empty where a task was not evaluated."""
+        per task, empty where a task was not evaluated; with `retrieval`, columns `retrieval_task_i` follow
+        with the task-retrieval accuracy Ret[t][i]."""
         header = "after_task," + ",".join(f"task_{i}" for i in range(self.width))
+        extra = retrieval.matrix() if retrieval is not None else [[] for _ in range(self.num_tasks)]
+        if retrieval is not None:
+            header += "," + ",".join(f"retrieval_task_{i}" for i in range(retrieval.width))
         lines = [header]
         zero_shot = self.zero_shot_accuracy()
         if zero_shot is not None:
             lines.append("zero-shot," + ",".join(f"{value:.4f}" for value in zero_shot))
         for t, row in enumerate(self.matrix()):
-            lines.append(f"{t}," + ",".join("" if value is None else f"{value:.4f}" for value in row))
+            lines.append(f"{t}," + ",".join("" if value is None else f"{value:.4f}" for value in row + extra[t]))
         return "\n".join(lines) + "\n"
+
+
+def retrieval_summary(retrieval: AccuracyMatrix) -> dict:
+    """`metrics.json`'s `task_retrieval`: Ret[t][i], the pooled retrieval accuracy per step, and the counts."""
+    return {
+        "accuracy_matrix": retrieval.matrix(),
+        "all_seen_accuracy": retrieval.all_seen_accuracy(),
+        "correct": retrieval.correct,
+        "total": retrieval.total,
+    }

@@ -7,7 +7,9 @@ metrics.json          accuracy matrix and summary metrics (rewritten after every
 acc_matrix.csv        R[t][i] as a table
 zero_shot.json        the evaluation before the first task (task-incremental runs of zero-shot methods)
 train_files.tsv       mixed streams (VTAB-SimS): task, dataset, manifest row, stream label of every training image
-checkpoints/task-XX/  learned state after task XX, written atomically (temporary folder + rename)
+checkpoints/task-XX/  learned state after task XX, written atomically (temporary folder + rename); the
+                      part only needed to continue training (a method's `training_only` state) sits in its
+                      own file, kept for the last finished task only
 snapshots/            the latest in-task snapshot (training state, optimizer, schedule, position), written
                       atomically every `runtime.snapshot_epochs` epochs and on Ctrl+C; removed when the task ends
 """
@@ -17,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.metrics import AccuracyMatrix, retrieval_summary
 from ntkcl.errors import BadInputError
 from ntkcl.files import atomic_write_text, staged_folder
 
@@ -36,6 +39,7 @@ ZERO_SHOT_FILE = "zero_shot.json"
 TRAIN_FILES_FILE = "train_files.tsv"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "learned_state.safetensors"
+TRAINING_STATE_FILE = "training_state.safetensors"
 TASK_FILE = "task.json"
 SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_STATE_FILE = "training_state.pt"
@@ -106,10 +110,19 @@ def append_log(run_dir: Path, record: dict) -> None:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def write_metrics(run_dir: Path, matrix: AccuracyMatrix, finished: bool, extra: dict | None = None) -> dict:
+def write_metrics(
+    run_dir: Path,
+    matrix: AccuracyMatrix,
+    finished: bool,
+    extra: dict | None = None,
+    retrieval: AccuracyMatrix | None = None,
+) -> dict:
+    """metrics.json and acc_matrix.csv; `retrieval` adds the task-retrieval matrix of a retrieving method."""
     document = {"finished": finished, **matrix.summary(), **(extra or {})}
+    if retrieval is not None:
+        document["task_retrieval"] = retrieval_summary(retrieval)
     write_json(run_dir / METRICS_FILE, document)
-    atomic_write_text(run_dir / MATRIX_FILE, matrix.to_csv())
+    atomic_write_text(run_dir / MATRIX_FILE, matrix.to_csv(retrieval))
     return document
 
 
@@ -117,12 +130,26 @@ def checkpoint_dir(run_dir: Path, task_index: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"task-{task_index:02d}"
 
 
-def save_checkpoint(run_dir: Path, task_index: int, state: dict[str, torch.Tensor], record: dict) -> Path:
-    """Write the task's learned state and record into a temporary folder, then rename it into place."""
+def save_checkpoint(
+    run_dir: Path,
+    task_index: int,
+    state: dict[str, torch.Tensor],
+    record: dict,
+    training_only: Callable[[str], bool] | None = None,
+) -> Path:
+    """Write the task's learned state and record into a temporary folder, then rename it into place.
+
+    Keys for which `training_only(key)` holds go to `training_state.safetensors`, the rest (what predicts)
+    to `learned_state.safetensors`.
+    """
     final = checkpoint_dir(run_dir, task_index)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    training = {key: value for key, value in tensors.items() if training_only is not None and training_only(key)}
+    predicting = {key: value for key, value in tensors.items() if key not in training}
     with staged_folder(final) as staging:
-        save_file(tensors, staging / STATE_FILE, metadata={"format": "pt"})
+        save_file(predicting, staging / STATE_FILE, metadata={"format": "pt"})
+        if training:
+            save_file(training, staging / TRAINING_STATE_FILE, metadata={"format": "pt"})
         write_json(staging / TASK_FILE, record)
     return final
 
@@ -137,7 +164,11 @@ def finished_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    return load_file(path / STATE_FILE), read_json(path / TASK_FILE)
+    """The checkpoint's learned state (with its training-only part when it is still there) and task record."""
+    state = load_file(path / STATE_FILE)
+    if (path / TRAINING_STATE_FILE).is_file():
+        state.update(load_file(path / TRAINING_STATE_FILE))
+    return state, read_json(path / TASK_FILE)
 
 
 def snapshot_name(task: int, epoch: int, step: int) -> str:
@@ -187,3 +218,13 @@ def remove_snapshots(run_dir: Path, keep: Path | None = None) -> None:
     for path in folder.iterdir():
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def drop_training_state(path: Path) -> None:
+    """Delete a checkpoint's training-only part: only the last finished task's is needed to resume."""
+    (path / TRAINING_STATE_FILE).unlink(missing_ok=True)
+
+
+def task_records(run_dir: Path, count: int) -> list[dict]:
+    """The `task.json` records of tasks 0 .. count-1."""
+    return [read_json(checkpoint_dir(run_dir, index) / TASK_FILE) for index in range(count)]

@@ -14,6 +14,7 @@ uninterrupted run did.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,15 @@ from ntkcl.engine.progress import Reporter
 from ntkcl.engine.seeding import AUGMENTATION_STREAM, STEP_STREAM, derived_seed, seed_everything
 from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.methods.base import ContinualMethod, TaskInfo
+
+# A method's buffers are statistics every process computes identically (all-reduced): re-broadcasting them
+# before every step would move, e.g., a ridge head's Gram matrix (800 MB at RanPAC's M = 10,000). torch 2.14
+# renamed the switch (and deprecated the old name); older versions only know `broadcast_buffers`.
+NO_BUFFER_SYNC_PER_STEP = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def per_process_batch(batch_size: int, world_size: int, accumulation_steps: int = 1) -> int:
@@ -252,7 +262,9 @@ class TaskTraining:
         model = method
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            model = DistributedDataParallel(method, device_ids=device_ids, find_unused_parameters=True)
+            model = DistributedDataParallel(
+                method, device_ids=device_ids, find_unused_parameters=True, **NO_BUFFER_SYNC_PER_STEP
+            )
         with StopRequest(handles=ctx.is_main) as stop:
             for epoch in range(progress.epoch, self.epochs):
                 resumed = epoch == progress.epoch and progress.step > 0

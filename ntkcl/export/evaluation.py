@@ -45,7 +45,7 @@ def evaluate_pretrained(
     stream, _ = build_stream(config, ctx)
     finished = document.get("finished_tasks", stream.num_tasks)
     scoring = ScoringLoader(stream, model.transform, ctx, batch_size, num_workers, precision)
-    counts = evaluate(model.method, scoring, stream.task(finished - 1))
+    counts = evaluate(model.method, scoring, stream.task(finished - 1)).counts
     accuracy = [100.0 * c / t if t else None for c, t in counts]
     correct, total = sum(c for c, _ in counts), sum(t for _, t in counts)
     final = 100.0 * correct / total if total else None

@@ -4,9 +4,11 @@
     begin_task(task)              grow heads / make per-task modules before training a task
     prepare_task(task, data)      statistics of the task's training images before training it (default: nothing)
     training_step(images, labels) -> StepOutput(loss, logs, batch_sum)   (also `forward`, so DDP can wrap the method)
-    end_task(task, data)          statistics over the task's training images (prototypes, averages, bases)
+    end_task(task, data)          statistics over the task's training images (prototypes, averages, bases);
+                                  may return diagnostics of the task, which the engine records in the run folder
     predict(images)               logits over every class seen so far; no task identity is given
     predict_task(images, task)    logits over `task`'s own classes only (task-incremental evaluation)
+    predict_with_task(images)     the logits and, for methods that retrieve a task per image, which task
 
 Labels are always global stream labels: task t's classes are `task.classes`, after the classes of the tasks
 before it (label offsets), in training batches and in `TaskData` alike, whatever the scenario.
@@ -30,8 +32,8 @@ other tasks, as VTAB-SimS streams have), `supports_distributed` (DDP over severa
 `required_backbone_features` (what the method hooks into on the backbone; `--backbone resnet18` is refused).
 
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
-modules). Methods never import the engine: statistics they need across processes go through
-`TaskData.all_reduce_sum`.
+modules; `training_only` marks the part needed to continue training but not to predict). Methods never
+import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ntkcl.config import StrictModel
@@ -115,12 +118,16 @@ class TaskData(Protocol):
     """The current task's training images under test-time transforms, for end-of-task statistics.
 
     In a distributed run each process sees a disjoint shard (no sampler padding); sums must go through
-    `all_reduce_sum` so every process ends with the same statistics.
+    `all_reduce_sum` so every process ends with the same statistics. `indexed_batches` also yields each
+    image's position in the task's training set (0 .. N-1, the same for any number of processes), for
+    statistics that depend on the order or on a split of the images.
     """
 
     device: torch.device
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def indexed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
@@ -158,6 +165,45 @@ def class_means(data: TaskData, feature_fn, first_class: int, num_classes: int) 
     return (sums / counts.clamp_min(1).unsqueeze(1)).float()
 
 
+@torch.no_grad()
+def indexed_features(data: TaskData, feature_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's `feature_fn(images)` rows (float32) over the task's images, with labels and positions."""
+    features, labels, positions = [], [], []
+    for images, batch_labels, batch_positions in data.indexed_batches():
+        features.append(feature_fn(images).float())
+        labels.append(batch_labels)
+        positions.append(batch_positions)
+    if not features:
+        raise RuntimeError("end-of-task statistics saw no images")
+    return torch.cat(features), torch.cat(labels), torch.cat(positions)
+
+
+def own_class_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, first_class: int, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a head over one task's classes (logit k is label first_class + k) and its accuracy.
+
+    Images labelled with another task's class (mixed training sets such as VTAB-SimS) add nothing; the loss
+    stays a mean over the whole batch, so a batch without any of the task's images gives 0, not NaN.
+    """
+    local = labels - first_class
+    own = (local >= 0) & (local < logits.shape[1])
+    summed = F.cross_entropy(logits.float()[own], local[own], label_smoothing=label_smoothing, reduction="sum")
+    hits = (logits[own].argmax(dim=1) == local[own]).float().sum()
+    return summed / len(labels), hits / own.sum().clamp_min(1)
+
+
+def gather_rows(data: TaskData, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Every process's `rows` (one per image, at its task position) as one tensor in task order.
+
+    A sum of zero-padded copies, so it needs nothing but `all_reduce_sum` and is exact (x + 0 = x).
+    """
+    count = data.all_reduce_sum(torch.tensor(len(positions), device=rows.device, dtype=torch.int64))
+    full = rows.new_zeros(int(count), *rows.shape[1:])
+    full[positions.to(rows.device)] = rows
+    return data.all_reduce_sum(full)
+
+
 class ContinualMethod(nn.Module, ABC):
     """Base class of continual-learning methods.
 
@@ -177,6 +223,9 @@ class ContinualMethod(nn.Module, ABC):
         required_backbone_features: what the method hooks into (`ntkcl.models.backbone.BACKBONE_FEATURES`).
         compile_targets: names of bound methods that hold the heavy, task-independent work (backbone passes);
             the engine may replace them on the instance by compiled versions (`ntkcl.engine.compile`).
+        training_only: prefixes of learned-state keys needed to continue training but not to predict (e.g. a
+            ridge head's Gram matrix). Checkpoints keep them apart, exports leave them out, and loading a state
+            without them gives a model that predicts exactly but cannot continue training.
     """
 
     name: ClassVar[str] = ""
@@ -187,6 +236,7 @@ class ContinualMethod(nn.Module, ABC):
     supports_distributed: ClassVar[bool] = True
     transient: ClassVar[tuple[str, ...]] = ()
     compile_targets: ClassVar[tuple[str, ...]] = ()
+    training_only: ClassVar[tuple[str, ...]] = ()
     citation: ClassVar[str] = ""
     required_backbone_features: ClassVar[tuple[str, ...]] = (VIT_TOKENS,)
 
@@ -230,9 +280,14 @@ class ContinualMethod(nn.Module, ABC):
         """
 
     @torch.no_grad()
-    def end_task(self, task: TaskInfo, data: TaskData) -> None:
-        """Statistics after training `task` (default: nothing)."""
+    def end_task(self, task: TaskInfo, data: TaskData) -> dict | None:
+        """Statistics after training `task` (default: nothing).
+
+        May return JSON-serialisable diagnostics of the task (e.g. a cluster-separation factor), which the
+        engine records with the task in the run folder (`task.json`, `log.jsonl`, `metrics.json`).
+        """
         self.seen_classes = task.total_classes
+        return None
 
     @abstractmethod
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -244,6 +299,18 @@ class ContinualMethod(nn.Module, ABC):
             raise RuntimeError(f"{self.name} cannot classify task {task.index} before training it (no zero-shot)")
         return self.predict(images)[:, task.known_classes : task.total_classes]
 
+    def predict_with_task(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and, for a method that retrieves a task for each image, the retrieved task indices (B,).
+
+        The engine compares them with the true tasks to report retrieval accuracy; None: no retrieval.
+        """
+        return self.predict(images), None
+
+    @classmethod
+    def is_training_only(cls, key: str) -> bool:
+        """Whether a learned-state key is only needed to continue training (see `training_only`)."""
+        return key.startswith(cls.training_only)
+
     def parameter_groups(self) -> list[dict]:
         """Optimizer parameter groups for the current task (default: every trainable parameter)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
@@ -254,12 +321,16 @@ class ContinualMethod(nn.Module, ABC):
         return {key: value.detach().clone() for key, value in self.state_dict().items() if not key.startswith(skipped)}
 
     def load_learned_state(self, state: dict[str, torch.Tensor], finished: Sequence[TaskInfo]) -> None:
-        """Rebuild the structure of the `finished` tasks, then load `state` (exact key match required)."""
+        """Rebuild the structure of the `finished` tasks, then load `state`.
+
+        Keys must match exactly, except `training_only` ones, which an export leaves out.
+        """
         for task in finished:
             self.begin_task(task)
         self.seen_classes = finished[-1].total_classes if finished else 0
         expected = set(self.learned_state())
-        missing, unexpected = expected - set(state), set(state) - expected
+        missing = {key for key in expected - set(state) if not self.is_training_only(key)}
+        unexpected = set(state) - expected
         if missing or unexpected:
             raise BadInputError(
                 f"saved state does not fit method {self.name}: missing {sorted(missing)[:5]}, "

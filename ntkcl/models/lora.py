@@ -33,16 +33,23 @@ from torch.nn.utils import parametrize
 DownInit = Literal["orthogonal", "kaiming", "zeros"]
 
 
-def orthogonal_rows(rank: int, features: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def orthogonal_rows(
+    rank: int, features: int, generator: torch.Generator | None = None, against: torch.Tensor | None = None
+) -> torch.Tensor:
     """A (rank x features) matrix with orthonormal rows: Qᵀ of the QR decomposition of a U[0, 1) matrix.
 
     This is CL-LoRA's initialisation of every down-projection (He et al., CVPR 2025, arXiv 2505.24816).
+    With `against` (k x features), the rows are also orthogonal to the span of its rows: the last `rank`
+    columns of Q in the QR decomposition of [againstᵀ, U] (a new LoRA unit orthogonal to earlier ones).
     """
-    if rank > features:
-        raise ValueError(f"rank {rank} exceeds the {features} features it projects")
+    taken = 0 if against is None else against.shape[0]
+    if rank + taken > features:
+        raise ValueError(f"rank {rank} plus {taken} earlier rows exceeds the {features} features it projects")
     uniform = torch.rand(features, rank, generator=generator)
+    if against is not None:
+        uniform = torch.cat([against.detach().T.to(uniform), uniform], dim=1)
     q, _ = torch.linalg.qr(uniform)
-    return q.T.contiguous()
+    return q[:, taken:].T.contiguous()
 
 
 class LoRA(nn.Module):
