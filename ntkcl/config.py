@@ -180,7 +180,9 @@ class OptimConfig(_Section):
         default=0, ge=0, le=MAX_EPOCHS, description="linear warm-up from warmup_lr (timm scheduler)"
     )
     warmup_lr: float = Field(default=1e-5, ge=0)
-    sched_on_updates: bool = Field(default=False, description="step the schedule after every optimizer update")
+    sched_on_updates: bool = Field(
+        default=False, description="step the schedule after every training step (global batch)"
+    )
     clip_grad: float | None = Field(default=None, gt=0, description="gradient clipping threshold")
     clip_mode: Literal["norm", "value", "agc"] = "norm"
     accumulation_steps: int = Field(

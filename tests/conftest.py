@@ -152,6 +152,32 @@ def run_of(session_dirs, monkeypatch):
     return lambda method: trained_run(method, base, data)
 
 
+class ListData:
+    """TaskData over fixed batches (single process)."""
+
+    def __init__(self, batches):
+        self._batches = batches
+        self.device = torch.device("cpu")
+
+    def batches(self):
+        yield from self._batches
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+
+def finish_first_task(method) -> tuple[torch.Tensor, torch.Tensor]:
+    """Begin and end a first task of two classes on six random 32-pixel images given as two batches."""
+    from ntkcl.methods.base import TaskInfo
+
+    images = torch.rand(6, 3, 32, 32)
+    labels = torch.tensor([0, 0, 1, 1, 1, 0])
+    first = TaskInfo(0, 2, 0, 2)
+    method.begin_task(first)
+    method.end_task(first, ListData([(images[:4], labels[:4]), (images[4:], labels[4:])]))
+    return images, labels
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(2)

@@ -20,7 +20,7 @@ from ntkcl.methods.ntk_cl import (
 )
 from ntkcl.models.backbone import create_backbone
 from ntkcl.models.fusion import AttentionFusion
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_BACKBONE, ListData, finish_first_task
 
 
 def tiny_method(**params) -> NTKCL:
@@ -28,20 +28,6 @@ def tiny_method(**params) -> NTKCL:
         TINY_BACKBONE["name"], pretrained=False, model_kwargs=TINY_BACKBONE["model_kwargs"], init_seed=0
     )
     return NTKCL(backbone, NTKCLParams(fusion_heads=4, **params))
-
-
-class ListData:
-    """TaskData over fixed batches (single process)."""
-
-    def __init__(self, batches):
-        self._batches = batches
-        self.device = torch.device("cpu")
-
-    def batches(self):
-        yield from self._batches
-
-    def all_reduce_sum(self, tensor):
-        return tensor
 
 
 def test_averaging_coefficients_over_five_tasks():
@@ -81,11 +67,7 @@ def test_no_averaging_after_the_last_task_unless_asked(after_last, changes):
 
 def test_prototypes_are_class_means_of_the_fused_feature_and_never_recomputed():
     method = tiny_method().eval()
-    images = torch.rand(6, 3, 32, 32)
-    labels = torch.tensor([0, 0, 1, 1, 1, 0])
-    first = TaskInfo(0, 2, 0, 2)
-    method.begin_task(first)
-    method.end_task(first, ListData([(images[:4], labels[:4]), (images[4:], labels[4:])]))
+    images, labels = finish_first_task(method)
     _, _, fused = method.features(images)  # after end_task: the averaged copy has been updated first
     expected = torch.stack([fused[labels == c].mean(0) for c in (0, 1)])
     torch.testing.assert_close(method.prototypes.prototypes, expected, rtol=1e-5, atol=1e-6)

@@ -44,6 +44,9 @@ def _flag_overrides(**flags) -> dict:
             continue
         section, key = FLAG_FIELDS[flag]
         overrides.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    if flags.get("class_order_seed") is not None:
+        # The flag asks for the seeded permutation, also over a preset's fixed order (CL-LoRA's VTAB).
+        overrides["stream"]["class_order"] = None
     return overrides
 
 

@@ -165,8 +165,9 @@ class Trainer:
             self.reporter.message(f"resuming {self.run_dir.name} from snapshot {snapshot.name}")
         elif resume and records:
             self.reporter.message(f"resuming {self.run_dir.name} after task {len(records)}/{self.stream.num_tasks}")
-        for task in self.stream.tasks()[len(records) :]:
-            records.append(self._run_task(task, snapshot if task.index == len(records) else None, records))
+        first = len(records)  # only the first task trained in this session can continue from a snapshot
+        for task in self.stream.tasks()[first:]:
+            records.append(self._run_task(task, snapshot if task.index == first else None, records))
         matrix = self._matrix(records) if records else None
         metrics = {}
         if ctx.is_main and matrix is not None:

@@ -99,9 +99,13 @@ def fused_update(groups: list[dict], optimizer: str) -> dict:
     return {"fused": True} if devices and (optimizer == "sgd" or devices == {"cuda"}) else {}
 
 
-def build_optimizer(groups: list[dict], settings: OptimConfig) -> torch.optim.Optimizer:
-    """torch's class for sgd / adam / adamw (as in the papers), timm's factory for any other name."""
-    fused = fused_update(groups, settings.optimizer)
+def build_optimizer(groups: list[dict], settings: OptimConfig, allow_fused: bool = True) -> torch.optim.Optimizer:
+    """torch's class for sgd / adam / adamw (as in the papers), timm's factory for any other name.
+
+    `allow_fused=False` keeps the per-parameter loop: torch's fused SGD fails on a step where some parameters
+    have momentum buffers and others not yet, which happens when a batch's stages update different parameters.
+    """
+    fused = fused_update(groups, settings.optimizer) if allow_fused else {}
     if settings.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay, **fused
@@ -191,7 +195,8 @@ class TaskOptimization:
     @classmethod
     def build(cls, method: nn.Module, settings: OptimConfig, updates_per_epoch: int, epochs: int) -> TaskOptimization:
         """The task's optimiser and its schedule over `epochs` epochs of `updates_per_epoch` updates."""
-        optimizer = build_optimizer(parameter_groups(method, settings), settings)
+        single_stage = len(method.training_stages()) == 1
+        optimizer = build_optimizer(parameter_groups(method, settings), settings, allow_fused=single_stage)
         return cls(optimizer, _build_schedule(optimizer, settings, updates_per_epoch, epochs), settings)
 
     @property
@@ -199,14 +204,17 @@ class TaskOptimization:
         """The largest learning rate among the parameter groups (the base rate under layer decay)."""
         return max(group["lr"] for group in self.optimizer.param_groups)
 
-    def step(self) -> None:
-        """Clip the accumulated gradients if asked, update the parameters, advance a per-update schedule."""
+    def update(self) -> None:
+        """Clip the accumulated gradients if asked and update the parameters (once per training stage)."""
         if self.settings.clip_grad is not None:
             from timm.utils import dispatch_clip_grad
 
             parameters = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
             dispatch_clip_grad(parameters, self.settings.clip_grad, mode=self.settings.clip_mode)
         self.optimizer.step()
+
+    def end_step(self) -> None:
+        """Count the step and advance a per-update schedule: once per global batch, whatever its stages."""
         self.updates += 1
         self.schedule.update(self.updates)
 

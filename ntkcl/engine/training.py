@@ -3,6 +3,8 @@
 A step is one global batch of `optim.batch_size` images: each of W processes takes batch_size / W of them
 and, with `optim.accumulation_steps` A, runs them as A micro-batches whose gradients add up before one
 optimizer step (DDP synchronises on the last), so W and A change the memory a step needs, not the maths.
+A method with several training stages (CL-LoRA's distillation and cross-entropy steps) takes one optimizer
+update per stage within the step; the schedule counts steps.
 
 Every `runtime.snapshot_epochs` epochs, and when Ctrl+C or SIGTERM arrives (after the step in progress),
 rank 0 writes a snapshot: the method's training state (including this task's transient modules), the
@@ -142,6 +144,7 @@ def training_state(method: ContinualMethod) -> dict[str, torch.Tensor]:
 
 def train_step(
     model: torch.nn.Module,
+    method: ContinualMethod,
     optimization: TaskOptimization,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -149,28 +152,33 @@ def train_step(
     device: torch.device,
     precision: str,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step over this rank's batch; returns the logged terms summed over its real images.
+    """One step over this rank's batch; returns the logged terms summed over its real images (and stages).
 
-    Each micro-batch is forwarded and back-propagated with its weights (DDP synchronises gradients on the
-    last one only), then `optimization.step()` clips, updates and advances a per-update schedule.
+    For each of the method's `training_stages` (one for most methods, see `ntkcl.methods.base`): each
+    micro-batch is forwarded through `model` with the stage's name and back-propagated with its weights (DDP
+    synchronises gradients on the last one only), the method adjusts the gradients, and `optimization.update()`
+    clips and updates. The schedule then advances once for the whole batch.
     """
-    optimization.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
-    for index, part in enumerate(parts):
-        last = index == len(parts) - 1
-        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
-        with no_sync or contextlib.nullcontext():
-            part_images = images[part.start : part.stop].to(device, non_blocking=True)
-            part_labels = labels[part.start : part.stop].to(device, non_blocking=True)
-            with autocast_for(device, precision):
-                loss, batch_sum, logs = model(part_images, part_labels)
-            (loss * part.loss_weight + batch_sum * part.batch_sum_weight).backward()
-        # Logged per image like the mean terms: the part's sum spread over the step's real images.
-        part_loss = loss.detach() + batch_sum.detach() * part.step_images / len(part_labels)
-        for key, value in {"loss": part_loss, **logs}.items():
-            value = value.detach().float() * part.real if part.real else torch.zeros((), device=device)
-            sums[key] = sums[key] + value if key in sums else value
-    optimization.step()
+    for stage in method.training_stages():
+        optimization.optimizer.zero_grad(set_to_none=True)
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
+            with no_sync or contextlib.nullcontext():
+                part_images = images[part.start : part.stop].to(device, non_blocking=True)
+                part_labels = labels[part.start : part.stop].to(device, non_blocking=True)
+                with autocast_for(device, precision):
+                    loss, batch_sum, logs = model(part_images, part_labels, stage)
+                (loss * part.loss_weight + batch_sum * part.batch_sum_weight).backward()
+            # Logged per image like the mean terms: the part's sum spread over the step's real images.
+            part_loss = loss.detach() + batch_sum.detach() * part.step_images / len(part_labels)
+            for key, value in {"loss": part_loss, **logs}.items():
+                value = value.detach().float() * part.real if part.real else torch.zeros((), device=device)
+                sums[key] = sums[key] + value if key in sums else value
+        method.adjust_gradients(stage)
+        optimization.update()
+    optimization.end_step()
     return sums
 
 
@@ -285,7 +293,9 @@ class TaskTraining:
         for step, (images, labels) in enumerate(self.loader, start=first_step):
             seed_everything(derived_seed(STEP_STREAM, config.runtime.seed, task.index, progress.epoch, step, ctx.rank))
             parts = self.shards.micro_batches(step, len(labels), config.optim.accumulation_steps)
-            sums = train_step(model, self.optimization, images, labels, parts, ctx.device, config.runtime.precision)
+            sums = train_step(
+                model, self.method, self.optimization, images, labels, parts, ctx.device, config.runtime.precision
+            )
             for key, value in sums.items():
                 progress.totals[key] = progress.totals[key] + value if key in progress.totals else value
             progress.step = step + 1

@@ -31,6 +31,12 @@ such as `mtil-order1` require it), `mixed_task_data` (accepts training data of a
 other tasks, as VTAB-SimS streams have), `supports_distributed` (DDP over several processes),
 `required_backbone_features` (what the method hooks into on the backbone; `--backbone resnet18` is refused).
 
+A method that takes more than one optimizer step per batch names them in `training_stages()` (default: one,
+`SINGLE_STAGE`). For each stage, in order, the engine runs the method's forward through DDP with the stage's
+name (`training_step(images, labels, stage)`), back-propagates (DDP all-reduces the gradients),
+calls `adjust_gradients(stage)` and steps the optimizer. Only the parameters a stage's loss reaches have a
+gradient at its step, so the others are left alone (no momentum or weight-decay update) by SGD and Adam.
+
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
 modules; `training_only` marks the part needed to continue training but not to predict). Methods never
 import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.
@@ -204,6 +210,9 @@ def gather_rows(data: TaskData, rows: torch.Tensor, positions: torch.Tensor) -> 
     return data.all_reduce_sum(full)
 
 
+SINGLE_STAGE = "loss"
+
+
 class ContinualMethod(nn.Module, ABC):
     """Base class of continual-learning methods.
 
@@ -261,13 +270,25 @@ class ContinualMethod(nn.Module, ABC):
 
     @abstractmethod
     def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        """Loss for one batch of the current task (labels are stream-ordered global labels)."""
+        """Loss for one batch of the current task (labels are stream-ordered global labels).
+
+        A method with several `training_stages` takes the stage's name as a third argument.
+        """
+
+    def training_stages(self) -> tuple[str, ...]:
+        """Names of the optimizer steps one batch of the current task takes, in order (default: one)."""
+        return (SINGLE_STAGE,)
+
+    def adjust_gradients(self, stage: str) -> None:
+        """Change the (all-reduced) gradients of `stage` in place before its optimizer step (default: no change)."""
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, stage: str = SINGLE_STAGE
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """`training_step` as a (loss, batch_sum, logs) tuple, the output shape DistributedDataParallel expects."""
-        output = self.training_step(images, labels)
+        output = (
+            self.training_step(images, labels) if stage == SINGLE_STAGE else self.training_step(images, labels, stage)
+        )
         batch_sum = output.loss.new_zeros(()) if output.batch_sum is None else output.batch_sum
         return output.loss, batch_sum, output.logs
 

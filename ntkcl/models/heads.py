@@ -55,6 +55,17 @@ class PrototypeClassifier(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(F.normalize(features.float(), dim=-1), F.normalize(self.prototypes, dim=-1))
 
+    def per_task(self, features: torch.Tensor, task_sizes: Sequence[int]) -> torch.Tensor:
+        """Cosine logits when each task has its own feature: (T, B, D) features, classes in consecutive
+        task blocks of `task_sizes`; class c of task t scores cos(features[t], prototype c).
+
+        This is the block diagonal of CL-LoRA's classifier over concatenated per-task features
+        (He et al., CVPR 2025, arXiv 2505.24816), without computing the off-diagonal blocks.
+        """
+        prototypes = F.normalize(self.prototypes[: sum(task_sizes)], dim=-1).split(list(task_sizes))
+        normalized = F.normalize(features.float(), dim=-1)
+        return torch.cat([F.linear(normalized[t], rows) for t, rows in enumerate(prototypes)], dim=1)
+
 
 def clip_logits(
     image_features: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: torch.Tensor
