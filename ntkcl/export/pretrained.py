@@ -68,8 +68,7 @@ def load_folder(
     source: str | None = None,
 ) -> PretrainedModel:
     """Rebuild the model of an export folder; the backbone's sha256 must match the one it was trained on."""
-    from ntkcl.data.transforms import build_transforms
-    from ntkcl.engine.builders import build_backbone, build_method
+    from ntkcl.engine.builders import build_backbone, build_method, build_run_transforms
 
     document = read_export_config(folder)
     if method is not None and document["method"] != method:
@@ -97,7 +96,7 @@ def load_folder(
         raise BadInputError(f"{folder / WEIGHTS_NAME} does not fit method {document['method']}: {reason}") from error
     model.eval()
     model.to(resolve_device(device))
-    _, test_transform = build_transforms(config.stream.augment, backbone.img_size)
+    _, test_transform = build_run_transforms(config, backbone)
     seen = finished[-1].total_classes if finished else 0
     return PretrainedModel(model, list(document["class_names"][:seen]), test_transform, document, source or str(folder))
 
