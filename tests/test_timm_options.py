@@ -33,7 +33,7 @@ def method():
 
 def build(method, **options) -> TaskOptimization:
     settings = OptimConfig(lr=0.1, epochs=4, weight_decay=0.05, **options)
-    return TaskOptimization.build(method, settings, UPDATES_PER_EPOCH)
+    return TaskOptimization.build(method, settings, UPDATES_PER_EPOCH, settings.epochs)
 
 
 def names_by_group(method, optimization):
@@ -134,7 +134,7 @@ def step_once(method, images, labels, **options):
     model.begin_task(TaskInfo(index=0, num_tasks=1, known_classes=0, num_new_classes=3))
     model.load_state_dict(method.state_dict())
     settings = OptimConfig(lr=0.1, epochs=1, momentum=0.0, batch_size=len(labels), **options)
-    optimization = TaskOptimization.build(model, settings, 1)
+    optimization = TaskOptimization.build(model, settings, 1, settings.epochs)
     shards = ShardedBatches(len(labels), len(labels), 1, 0)
     parts = shards.micro_batches(0, len(labels), settings.accumulation_steps)
     train_step(model, optimization, images, labels, parts, torch.device("cpu"), "fp32")
