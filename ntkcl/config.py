@@ -126,7 +126,7 @@ class StreamConfig(_Section):
     increment: int | None = Field(default=None, ge=1)
     class_order_seed: Seed | None = 0
     class_order: list[Annotated[int, Field(ge=0)]] | None = None
-    augment: Literal["paper", "resize", "clip"] = "paper"
+    augment: Literal["paper", "resize", "clip", "timm"] = "paper"
     data_root: NonEmptyPath | None = None
 
 
@@ -208,7 +208,11 @@ class OptimConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _micro_batches_divide(self) -> OptimConfig:
+    def _consistent(self) -> OptimConfig:
+        if self.scheduler == "onecycle" and (self.warmup_epochs or self.sched_on_updates):
+            raise ValueError(
+                "onecycle has its own warm-up and steps after every update; drop warmup_epochs / sched_on_updates"
+            )
         if self.batch_size % self.accumulation_steps:
             raise ValueError(
                 f"batch_size {self.batch_size} does not split into accumulation_steps={self.accumulation_steps} "
@@ -232,6 +236,9 @@ class RuntimeConfig(_Section):
     )
     gpus: list[Annotated[int, Field(ge=0)]] | None = None
     nproc: int = Field(default=1, ge=1, le=MAX_PROCESSES)
+    log: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers (ntkcl[tensorboard], ntkcl[wandb])"
+    )
     snapshot_epochs: int = Field(
         default=1,
         ge=0,

@@ -223,6 +223,28 @@ def run_cli(*args) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def only_run(out) -> Path:
+    """The one run folder under `out`."""
+    runs = [path for path in out.iterdir() if path.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def train_once(root: Path, runs: dict[str, list]) -> dict[str, tuple[Path, dict]]:
+    """`ntkcl train ARGS` for each name under `root` (its own data root); name -> (run folder, metrics).
+
+    For module-scoped fixtures: runs that several tests of a module compare against are trained once.
+    """
+    found = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NTKCL_DATA_ROOT", str(root / "data"))
+        for name, arguments in runs.items():
+            result = run_cli(*arguments, "--out", root / name)
+            assert result.code == 0, result.err
+            found[name] = (only_run(root / name), result.json()["metrics"])
+    return found
+
+
 @pytest.fixture
 def cli():
     """`run_cli` as a fixture."""

@@ -18,7 +18,6 @@ from huggingface_hub.errors import HfHubHTTPError
 import ntkcl
 from ntkcl.export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, render_card
 from tests.test_cli_bad_input import assert_one_line_error
-from tests.test_export import run_of, session_dirs  # noqa: F401  (fixtures)
 
 TOKEN = "hf_secretTOKENvalue123"
 
@@ -114,7 +113,7 @@ def fake_hub(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def exporting(cli, run_of, tmp_path, caplog):  # noqa: F811
+def exporting(cli, run_of, tmp_path, caplog):
     """Run `ntkcl export RUN --out DIR ...` for the finetune run; asserts the token never shows."""
     caplog.set_level(logging.DEBUG)
     folder = tmp_path / "export"
@@ -220,7 +219,7 @@ def test_a_network_failure_during_upload_exits_1_without_the_token(fake_hub, exp
     assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
 
 
-def test_load_from_a_hub_repo_through_snapshot_download(cli, run_of, tmp_path, monkeypatch):  # noqa: F811
+def test_load_from_a_hub_repo_through_snapshot_download(cli, run_of, tmp_path, monkeypatch):
     folder = tmp_path / "export"
     assert cli("export", run_of("finetune"), "--out", folder).code == 0
     requests = []
@@ -268,7 +267,7 @@ def test_load_from_a_hub_repo_through_snapshot_download(cli, run_of, tmp_path, m
     assert_one_line_error(cli("eval", "someone/missing"), "no Hub repo of that name")
 
 
-def test_push_to_hub_from_python_keeps_the_backbone_out(fake_hub, run_of, tmp_path):  # noqa: F811
+def test_push_to_hub_from_python_keeps_the_backbone_out(fake_hub, run_of, tmp_path):
     folder = tmp_path / "export"
     exported = ntkcl.export.export_run(run_of("finetune"), folder)
     model = ntkcl.ContinualModel.from_pretrained(folder)
@@ -281,7 +280,7 @@ def test_push_to_hub_from_python_keeps_the_backbone_out(fake_hub, run_of, tmp_pa
     assert exported.config["method"] == json.loads(uploaded[CONFIG_NAME])["method"]
 
 
-def test_card_marker_survives_a_round_trip_through_render(run_of):  # noqa: F811
+def test_card_marker_survives_a_round_trip_through_render(run_of):
     from ntkcl.export import build_export_config, card_is_generated
 
     document, _ = build_export_config(run_of("simplecil"))
@@ -295,7 +294,7 @@ def test_card_marker_survives_a_round_trip_through_render(run_of):  # noqa: F811
     not (os.environ.get("NTKCL_TEST_HUB_REPO") and os.environ.get("HF_TOKEN")),
     reason="set NTKCL_TEST_HUB_REPO=user/repo and HF_TOKEN for a real push and pull",
 )
-def test_real_push_and_pull(cli, run_of, tmp_path):  # noqa: F811
+def test_real_push_and_pull(cli, run_of, tmp_path):
     repo_id = os.environ["NTKCL_TEST_HUB_REPO"]
     folder = tmp_path / "export"
     result = cli("export", run_of("finetune"), "--out", folder, "--hub", "--repo-id", repo_id, "--force", "--json")

@@ -10,17 +10,11 @@ import pytest
 from ntkcl.engine import rundir
 from ntkcl.methods.ntk_cl import NTKCL
 from ntkcl.methods.simplecil import SimpleCIL
-from tests.conftest import run_cli, tiny_digits_run
+from tests.conftest import only_run, tiny_digits_run, train_once
 
 # A still smaller ViT than the other tests' (16 pixels, one block): the runs here train three epochs per task.
 SMALLER = ["--set", "backbone.model_kwargs={img_size=16, patch_size=8, depth=1}"]
-RUN = [*tiny_digits_run(init_classes=5, increment=5, epochs=3, batch_size=128), *SMALLER]
-
-
-def only_run(out):
-    runs = [path for path in out.iterdir() if path.is_dir()]
-    assert len(runs) == 1, runs
-    return runs[0]
+RUN = [*tiny_digits_run(init_classes=5, increment=5, epochs=3, batch_size=256), *SMALLER]
 
 
 def epoch_losses(run):
@@ -30,16 +24,9 @@ def epoch_losses(run):
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """Uninterrupted runs of each method, shared by the tests of this module."""
-    root = tmp_path_factory.mktemp("reference")
-    found = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NTKCL_DATA_ROOT", str(root / "data"))
-        for method in ("ntk-cl", "simplecil"):
-            result = run_cli(*RUN, "--method", method, "--out", root / method)
-            assert result.code == 0, result.err
-            found[method] = (result.json()["metrics"], only_run(root / method))
-    return found
+    """Uninterrupted runs of each method, shared by the tests of this module: name -> (metrics, run folder)."""
+    runs = train_once(tmp_path_factory.mktemp("reference"), {m: [*RUN, "--method", m] for m in ("ntk-cl", "simplecil")})
+    return {name: (metrics, run) for name, (run, metrics) in runs.items()}
 
 
 def test_killed_after_epoch_one_resumes_to_the_same_matrix(cli, data_root, tmp_path, monkeypatch, references):
@@ -72,29 +59,36 @@ def test_killed_after_epoch_one_resumes_to_the_same_matrix(cli, data_root, tmp_p
 
 
 def test_ctrl_c_mid_epoch_saves_a_snapshot_and_resume_matches(cli, data_root, tmp_path, monkeypatch, references):
-    original = NTKCL.training_step
-    calls = []
+    """With `runtime.snapshot_epochs=0` the only snapshot is the one Ctrl+C writes after the step in progress."""
+    original_step, original_save = NTKCL.training_step, rundir.save_snapshot
+    calls, saved = [], []
 
     def interrupt_in_the_middle_of_an_epoch(self, images, labels):
         calls.append(self._task.index)
-        if calls.count(1) == 8:  # task 1 has 721 images, 6 steps per epoch: its second epoch, second step
+        if calls.count(1) == 5:  # task 1 has 721 images, 3 steps per epoch: its second epoch, second step
             signal.raise_signal(signal.SIGINT)
-        return original(self, images, labels)
+        return original_step(self, images, labels)
+
+    def counted_save(run_dir, position, state):
+        saved.append(position)
+        return original_save(run_dir, position, state)
 
     monkeypatch.setattr(NTKCL, "training_step", interrupt_in_the_middle_of_an_epoch)
-    interrupted = cli(*RUN, "--method", "ntk-cl", "--out", tmp_path / "ctrl-c")
+    monkeypatch.setattr(rundir, "save_snapshot", counted_save)
+    interrupted = cli(*RUN, "--method", "ntk-cl", "--set", "runtime.snapshot_epochs=0", "--out", tmp_path / "ctrl-c")
     assert interrupted.code == 130
     run = only_run(tmp_path / "ctrl-c")
     assert f"--resume {run}" in interrupted.err
-    snapshot = json.loads((run / "snapshots" / "task-01-epoch-001-step-000002" / "snapshot.json").read_text())
-    assert (snapshot["task"], snapshot["epoch"], snapshot["step"], snapshot["updates"]) == (1, 1, 2, 8)
+    assert [(p["task"], p["epoch"], p["step"], p["updates"]) for p in saved] == [(1, 1, 2, 5)]
+    assert [path.name for path in (run / "snapshots").iterdir()] == ["task-01-epoch-001-step-000002"]
 
-    monkeypatch.setattr(NTKCL, "training_step", original)
+    monkeypatch.setattr(NTKCL, "training_step", original_step)
     resumed = cli("train", "--resume", run, "-q", "--json")
     assert resumed.code == 0, resumed.err
     reference_metrics, reference_run = references["ntk-cl"]
     assert resumed.json()["metrics"]["correct"] == reference_metrics["correct"]
     assert epoch_losses(run) == epoch_losses(reference_run)
+    assert len(saved) == 1  # snapshot_epochs=0 is kept by the resumed session
 
 
 def test_method_without_training_resumes_after_its_last_task(cli, data_root, tmp_path, monkeypatch, references):
@@ -114,18 +108,3 @@ def test_method_without_training_resumes_after_its_last_task(cli, data_root, tmp
     monkeypatch.setattr(SimpleCIL, "end_task", original)
     resumed = cli("train", "--resume", run, "-q", "--json")
     assert resumed.json()["metrics"]["correct"] == references["simplecil"][0]["correct"]
-
-
-def test_snapshot_interval_zero_writes_none(cli, data_root, tmp_path):
-    result = cli(
-        *tiny_digits_run(init_classes=5, increment=5, epochs=2, batch_size=128),
-        *SMALLER,
-        "--method",
-        "finetune",
-        "--set",
-        "runtime.snapshot_epochs=0",
-        "--out",
-        tmp_path / "runs",
-    )
-    assert result.code == 0, result.err
-    assert not (only_run(tmp_path / "runs") / "snapshots").exists()

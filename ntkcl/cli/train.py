@@ -33,6 +33,7 @@ FLAG_FIELDS = {
     "precision": ("runtime", "precision"),
     "num_workers": ("runtime", "num_workers"),
     "compile": ("runtime", "compile"),
+    "log": ("runtime", "log"),
 }
 
 
@@ -148,6 +149,12 @@ def train(
         metavar="RUN_DIR",
         help="Continue RUN_DIR after its last finished task.",
     ),
+    log: list[str] = typer.Option(
+        [],
+        "--log",
+        metavar="TRACKER",
+        help="Also log to tensorboard or wandb (repeatable; extras ntkcl[tensorboard], ntkcl[wandb]).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
@@ -176,6 +183,7 @@ def train(
         "precision": precision,
         "num_workers": num_workers,
         "compile": None if compile_passes is None else ("on" if compile_passes else "off"),
+        "log": log or None,
     }
     if resume is not None:
         from ntkcl.engine import rundir

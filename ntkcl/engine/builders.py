@@ -18,6 +18,7 @@ from ntkcl.data.plugin import DatasetPlugin
 from ntkcl.data.registry import default_data_root, discover_datasets, discover_streams, get_dataset, get_stream
 from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream, TaskSource, compose, task_sizes
+from ntkcl.data.transforms import build_transforms
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod
@@ -282,3 +283,24 @@ def build_backbone(config: RunConfig) -> Backbone:
 def build_method(config: RunConfig, backbone: Backbone) -> ContinualMethod:
     method = get_method(config.method.name)
     return method(backbone, validate_params(method, config.method.params))
+
+
+def build_run_transforms(config: RunConfig, backbone) -> tuple:
+    """(train, test) transforms of a run: `stream.augment` at the backbone's input size.
+
+    "timm" reads the backbone's pretrained data configuration and normalises with its mean/std, so the
+    backbone must not normalise as well.
+    """
+    augment = config.stream.augment
+    if augment != "timm":
+        return build_transforms(augment, backbone.img_size)
+    if not hasattr(backbone, "data_config"):
+        raise BadInputError(
+            f"stream.augment=timm needs a timm backbone; {backbone.name} has no timm data configuration"
+        )
+    if backbone.normalize != "none":
+        raise BadInputError(
+            f"stream.augment=timm normalises with the backbone's mean/std; set backbone.normalize=none "
+            f"(it is {backbone.normalize!r}) so images are not normalised twice"
+        )
+    return build_transforms(augment, backbone.img_size, backbone.data_config())

@@ -177,9 +177,8 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     from pathlib import Path
 
     from ntkcl.config import load_config
-    from ntkcl.data.transforms import build_transforms
     from ntkcl.engine import rundir
-    from ntkcl.engine.builders import build_backbone, build_method, build_stream
+    from ntkcl.engine.builders import build_backbone, build_method, build_run_transforms, build_stream
     from ntkcl.engine.distributed import init_distributed
     from ntkcl.engine.metrics import retrieval_summary
     from ntkcl.errors import BadInputError
@@ -197,7 +196,7 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     saved = rundir.read_json(run_dir / rundir.RUN_FILE)
     if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
-    _, test_transform = build_transforms(config.stream.augment, backbone.img_size)
+    _, test_transform = build_run_transforms(config, backbone)
     scoring = ScoringLoader.for_run(config, stream, test_transform, ctx)
 
     def fresh_method() -> ContinualMethod:

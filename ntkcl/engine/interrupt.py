@@ -6,8 +6,9 @@ raises KeyboardInterrupt. A second Ctrl+C interrupts at once. SIGTERM (a schedul
 stopping its workers) is treated like the first Ctrl+C.
 
 In a process group only rank 0 writes files, so only rank 0 takes the request; the other ranks ignore
-Ctrl+C and stop when rank 0 leaves the group (or when the launcher stops them). Loader workers ignore
-Ctrl+C too, so the main process can still read the batches of the step it finishes.
+both signals while they train, so that they keep stepping with rank 0 until it has written the snapshot
+and left, and then stop on the broken group (or are killed by the launcher after its grace period).
+Loader workers ignore Ctrl+C too, so the main process can still read the batches of the step it finishes.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class StopRequest:
     """Context manager turning SIGINT / SIGTERM into a flag (`requested`) while it is active.
 
     Args:
-        handles: whether this process acts on the signals (rank 0, or a single process). When false,
-            Ctrl+C is ignored and SIGTERM keeps its default action.
+        handles: whether this process acts on the signals (rank 0, or a single process); when false, both
+            are ignored while the context is active.
     """
 
     def __init__(self, handles: bool = True):
@@ -42,10 +43,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread; keep the default behaviour
-        handlers = {signal.SIGINT: self._on_signal, signal.SIGTERM: self._on_signal}
-        if not self.handles:
-            handlers = {signal.SIGINT: signal.SIG_IGN}
-        for signum, handler in handlers.items():
+        handler = self._on_signal if self.handles else signal.SIG_IGN
+        for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, handler)
         return self
 

@@ -1,25 +1,28 @@
 """Start a run on one process, one process per GPU of this host, N CPU processes, or inside torchrun's group.
 
-`ntkcl train --gpus 0,1` (or `--nproc N`) spawns one process per rank with `torch.multiprocessing` and a
-rendezvous on 127.0.0.1 at a free port; under `torchrun` (or any launcher that sets RANK and WORLD_SIZE)
-the same command joins the group it was started in instead. The global batch size is the configured one in
-every case: each of N processes takes `batch_size / N` images per step.
+`ntkcl train --gpus 0,1` (or `--nproc N`) starts one process per rank with torch.distributed.elastic
+(`elastic_launch` with a c10d rendezvous on a port the OS assigns); under `torchrun` (or any launcher that
+sets RANK and WORLD_SIZE) the same command joins the group it was started in instead. The global batch size
+is the configured one in every case: each of N processes takes `batch_size / N` images per step.
 
-The launching process supervises the ranks: when one fails (an exception, or killed by a signal), the
-others are terminated at once rather than left waiting in a collective, and the command fails with one
-line naming the rank and its error. Finished checkpoints are written atomically by rank 0, so the last one
-stays intact and `ntkcl train --resume` continues from it, with any number of processes.
+When a rank fails (an exception, or killed by a signal), the elastic agent terminates the others at once
+rather than leaving them waiting in a collective, and the command fails with one line naming the rank and
+its error. Finished checkpoints and snapshots are written atomically by rank 0, so the last one stays
+intact and `ntkcl train --resume` continues from it, with any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import re
 import signal
-import socket
 import sys
-import time
+import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +32,19 @@ import torch.multiprocessing as mp
 from ntkcl.config import DEVICE_PATTERN, RunConfig
 from ntkcl.engine.distributed import launched_by_torchrun
 from ntkcl.engine.progress import Reporter
+from ntkcl.engine.tracking import check_trackers
 from ntkcl.errors import BadInputError, RunFailedError
 
-# Seconds a rank gets to exit on its own (after Ctrl+C, or after the group failed) before it is terminated.
-GRACE_S = 5.0
-POLL_S = 0.1
-SETTLE_S = 1.0
+# How often the agent checks its ranks: a rank that dies is seen before its peers fail on the broken link.
+MONITOR_S = 0.02
+# Seconds the ranks get to stop on their own (rank 0 finishes its step and saves a snapshot) before SIGKILL.
+SHUTDOWN_S = 30
+QUEUE_WAIT_S = 0.05
+# What the elastic agent handles by stopping the ranks with the same signal (restored afterwards). Not Ctrl+C:
+# the terminal already sends it to every rank, and rank 0 would take a second one as "stop at once" instead
+# of finishing its step and saving a snapshot; the launcher's KeyboardInterrupt stops the ranks with SIGTERM.
+AGENT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ def _uses_cuda(device: str) -> bool:
 def plan_processes(config: RunConfig) -> LaunchPlan:
     """Check `runtime.gpus` / `runtime.nproc` against this host and the method; BadInputError when they do not fit."""
     runtime = config.runtime
+    check_trackers(runtime.log)
     gpus = list(runtime.gpus) if runtime.gpus is not None else None
     if runtime.nproc < 1:
         raise BadInputError(f"--nproc must be at least 1, got {runtime.nproc}")
@@ -166,13 +177,6 @@ def launch(config: RunConfig, out: Path, resume_dir: Path | None, reporter: Repo
     return _spawn(plan, config, out, resume_dir, reporter)
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (for the group's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class _RankReporter(Reporter):
     """Rank 0's reporter in a spawned process: also tells the launcher where the run folder is."""
 
@@ -191,51 +195,46 @@ class _RankReporter(Reporter):
             self._messages.put(("run_dir", 0, str(value)))
 
 
-def _worker(
-    rank: int,
-    plan: LaunchPlan,
-    port: int,
-    config: RunConfig,
-    out: Path,
-    resume_dir: Path | None,
-    report: bool,
-    messages,
-) -> None:
-    """One spawned rank: join the group through the environment, train, report the outcome to the launcher."""
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(plan.world_size),
-            "LOCAL_WORLD_SIZE": str(plan.world_size),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-        }
-    )
+def _worker(config: RunConfig, out: Path, resume_dir: Path | None, report: bool, messages):
+    """One rank started by the elastic agent (RANK, WORLD_SIZE, MASTER_ADDR/PORT set): train, report failures.
+
+    Returns rank 0's RunResult (the agent hands it back to the launcher); a failure is put on `messages` as
+    one line with its exit code before the rank exits with that code.
+    """
+    rank = int(os.environ["RANK"])
     # The ranks share this host's cores (what torchrun does with OMP_NUM_THREADS).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
     from ntkcl.engine.loop import run_training
 
     reporter = _RankReporter(report, messages) if rank == 0 else Reporter(enabled=False)
     try:
         result = run_training(config, out, resume_dir, reporter)
     except KeyboardInterrupt:
-        sys.exit(130)
+        _exit_now(messages, 130)
     except BaseException as error:
         code = 2 if isinstance(error, BadInputError) else 1
         known = isinstance(error, (BadInputError, RunFailedError))
         reason = str(error) if known else f"rank {rank} failed: {type(error).__name__}: {error}"
         messages.put(("failed", rank, (code, " ".join(reason.split()))))
-        sys.exit(code)
-    if rank == 0:
-        messages.put(("done", rank, result))
+        _exit_now(messages, code)
+    return result if rank == 0 else None
+
+
+def _exit_now(messages, code: int) -> None:
+    """Leave at once after the message is delivered: an orderly interpreter exit would first tear down the
+    process group, which can wait on the peers this failure is about to stop, and the agent only sees a
+    rank fail once its process has exited."""
+    messages.close()
+    messages.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass
 class _Outcome:
-    """What the ranks reported: rank 0's result and run folder, and each failure in arrival order."""
+    """What the ranks reported: the run folder and each failure in arrival order."""
 
-    result: object = None
     run_dir: str | None = None
     failures: dict[int, tuple[int, str]] = field(default_factory=dict)  # rank -> (exit code, message)
 
@@ -243,34 +242,15 @@ class _Outcome:
         kind, rank, payload = message
         if kind == "run_dir":
             self.run_dir = payload
-        elif kind == "done":
-            self.result = payload
         elif kind == "failed":
             self.failures.setdefault(rank, payload)
 
-
-def _drain(messages, outcome: _Outcome, wait_s: float = 0.0) -> None:
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            outcome.take(messages.get(timeout=max(deadline - time.monotonic(), 0.01)))
-        except queue.Empty:
-            return
-
-
-def _stop(processes, grace_s: float = GRACE_S) -> None:
-    """Wait up to `grace_s` for the ranks to exit, then terminate (and if need be kill) the rest."""
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        process.join(max(deadline - time.monotonic(), 0))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(GRACE_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
+    def drain(self, messages) -> None:
+        while True:
+            try:
+                self.take(messages.get(timeout=QUEUE_WAIT_S))
+            except queue.Empty:
+                return
 
 
 def _exit_reason(code: int) -> str:
@@ -282,57 +262,86 @@ def _exit_reason(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _first_failure(exit_codes: list[int | None], outcome: _Outcome) -> Exception | None:
+def _first_failure(exit_codes: dict[int, int], outcome: _Outcome) -> Exception:
     """The root cause: a rank that died without a word (its peers then only saw a broken connection),
-    else the first error a rank reported. `exit_codes` are taken before the launcher stops anyone."""
-    for rank, code in enumerate(exit_codes):
-        if code not in (None, 0) and rank not in outcome.failures:
+    else the first error a rank reported. `exit_codes` are those of the ranks the agent saw fail."""
+    for rank, code in sorted(exit_codes.items()):
+        if rank not in outcome.failures:
             return RunFailedError(f"rank {rank} {_exit_reason(code)}; the other ranks were stopped")
     for code, message in outcome.failures.values():
         return (BadInputError if code == 2 else RunFailedError)(message)
-    return None
+    return RunFailedError("a rank failed without reporting why")
+
+
+@contextlib.contextmanager
+def _agent_quietly() -> Iterator[None]:
+    """The elastic agent's log lines, signal handlers and signal setting stay inside the launch: failures
+    are reported as one line by the launcher, and signals after the launch act as they did before."""
+    names = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    loggers = [logging.getLogger(name) for name in names]
+    silencer = logging.NullHandler()
+    propagation = [logger.propagate for logger in loggers]
+    handlers = {signum: signal.getsignal(signum) for signum in AGENT_SIGNALS}
+    environment = os.environ.get(SIGNALS_ENV)
+    for logger in loggers:
+        logger.addHandler(silencer)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, propagate in zip(loggers, propagation):
+            logger.removeHandler(silencer)
+            logger.propagate = propagate
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if environment is None:
+            os.environ.pop(SIGNALS_ENV, None)
+        else:
+            os.environ[SIGNALS_ENV] = environment
 
 
 def _spawn(plan: LaunchPlan, config: RunConfig, out: Path, resume_dir: Path | None, reporter: Reporter):
-    context = mp.get_context("spawn")
-    messages = context.Queue()
-    port = free_port()
-    processes = [
-        context.Process(
-            target=_worker,
-            args=(rank, plan, port, config, out, resume_dir, reporter.enabled, messages),
-            name=f"ntkcl-rank-{rank}",
-        )
-        for rank in range(plan.world_size)
-    ]
-    for process in processes:
-        process.start()
+    """Start one rank per process through torch.distributed.elastic and return rank 0's RunResult.
+
+    The c10d rendezvous store listens on a port the OS assigns (127.0.0.1:0), which the agent hands to the
+    ranks as MASTER_PORT, so no port is guessed. No restarts: a failed rank stops the group (the agent
+    terminates the others) and the run continues with `--resume`.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    messages = mp.get_context("spawn").Queue()
     outcome = _Outcome()
-    try:
-        while True:
-            _drain(messages, outcome, POLL_S)
+    failed: ChildFailedError | None = None
+    with tempfile.TemporaryDirectory(prefix="ntkcl-launch-") as logs, _agent_quietly():
+        settings = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=plan.world_size,
+            run_id=f"ntkcl-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",
+            local_addr="127.0.0.1",
+            max_restarts=0,
+            monitor_interval=MONITOR_S,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+            shutdown_timeout=SHUTDOWN_S,
+            signals_to_handle=",".join(signum.name for signum in AGENT_SIGNALS),
+        )
+        try:
+            results = elastic_launch(settings, _worker)(config, out, resume_dir, reporter.enabled, messages)
+        except ChildFailedError as error:
+            failed = error
+        except (KeyboardInterrupt, SignalException) as error:
+            outcome.drain(messages)
             reporter.run_dir = outcome.run_dir or reporter.run_dir
-            exit_codes = [process.exitcode for process in processes]
-            failed = outcome.failures or any(code not in (None, 0) for code in exit_codes)
-            if failed or all(code == 0 for code in exit_codes):
-                break
-        if failed:
-            # A moment for the failing rank's own message (or exit code) to arrive before the rest are stopped.
-            _drain(messages, outcome, SETTLE_S)
-            exit_codes = [process.exitcode for process in processes]
-    except KeyboardInterrupt:
-        _stop(processes)
-        _drain(messages, outcome)
-        reporter.run_dir = outcome.run_dir or reporter.run_dir
-        raise
-    finally:
-        _stop(processes, grace_s=0.0 if outcome.failures else GRACE_S)
-    _drain(messages, outcome)
+            raise KeyboardInterrupt from error
+    outcome.drain(messages)
     messages.close()
     reporter.run_dir = outcome.run_dir or reporter.run_dir
-    failure = _first_failure(exit_codes, outcome)
-    if failure is not None:
-        raise failure
-    if outcome.result is None:
-        raise RunFailedError("rank 0 finished without reporting a result")
-    return outcome.result
+    if failed is not None:
+        exit_codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
+        raise _first_failure(exit_codes, outcome)
+    return results[0]

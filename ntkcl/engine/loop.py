@@ -28,9 +28,8 @@ import ntkcl
 from ntkcl.config import RunConfig, save_config
 from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream
-from ntkcl.data.transforms import build_transforms
 from ntkcl.engine import rundir
-from ntkcl.engine.builders import StreamProvenance
+from ntkcl.engine.builders import StreamProvenance, build_run_transforms
 from ntkcl.engine.compile import compile_method, compile_seconds, plan_compilation
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate, evaluates_untrained_tasks
@@ -38,6 +37,7 @@ from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
 from ntkcl.engine.seeding import derived_seed, seed_everything
+from ntkcl.engine.tracking import Tracking
 from ntkcl.engine.training import TaskTraining, per_process_batch
 from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.files import atomic_write_text, remove_interrupted_writes
@@ -112,10 +112,11 @@ class Trainer:
             (micro_batch, optim.eval_batch_size),
         )
         self.compiled = compile_method(self.method, self.compile_plan, self.reporter.message)
-        self.train_transform, test_transform = build_transforms(config.stream.augment, self.backbone.img_size)
+        self.train_transform, test_transform = build_run_transforms(config, self.backbone)
         self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
         self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
         self.zero_shot: list[tuple[int, int]] | None = None
+        self.tracking = Tracking([], run_dir, {})
 
     def _full_training_steps(self) -> int:
         """Optimizer steps of the whole run with a full batch (what compilation can speed up)."""
@@ -144,6 +145,14 @@ class Trainer:
         return rundir.task_records(self.run_dir, len(checkpoints))
 
     def run(self, resume: bool = False) -> RunResult:
+        trackers = self.config.runtime.log if self.ctx.is_main else []
+        self.tracking = Tracking(trackers, self.run_dir, self.config.model_dump(mode="json"))
+        try:
+            return self._run(resume)
+        finally:
+            self.tracking.close()
+
+    def _run(self, resume: bool) -> RunResult:
         ctx = self.ctx
         if resume and ctx.is_main:
             remove_interrupted_writes(self.run_dir)
@@ -234,7 +243,9 @@ class Trainer:
                 rundir.drop_training_state(rundir.checkpoint_dir(self.run_dir, task.index - 1))
             rundir.remove_snapshots(self.run_dir)
             rundir.append_log(self.run_dir, {"event": "task_end", **record})
-            seen = self._write_metrics([*earlier, record], finished=task.is_last)["all_seen_accuracy"][-1]
+            records = [*earlier, record]
+            seen = self._write_metrics(records, finished=task.is_last)["all_seen_accuracy"][-1]
+            self.tracking.task_end(self._matrix(records))
             scope = (
                 f"{task.total_classes} seen classes"
                 if task.scenario == CLASS_INCREMENTAL
@@ -259,6 +270,7 @@ class Trainer:
             self.config,
             self.ctx,
             self.reporter,
+            self.tracking,
             self.run_dir,
         )
         return training.run(snapshot)

@@ -162,12 +162,16 @@ class AccuracyMatrix:
         curve = self.all_seen_accuracy()
         return sum(curve) / len(curve)
 
-    def forgetting(self) -> float | None:
+    def forgetting_per_task(self) -> list[float] | None:
+        """max_{i<=t<L} R[t][i] - R[L][i] for each task i < L; None for a single task."""
         last = self.num_tasks - 1
         if last == 0:
             return None
-        drops = [max(self.accuracy(t, i) for t in range(i, last)) - self.accuracy(last, i) for i in range(last)]
-        return sum(drops) / last
+        return [max(self.accuracy(t, i) for t in range(i, last)) - self.accuracy(last, i) for i in range(last)]
+
+    def forgetting(self) -> float | None:
+        drops = self.forgetting_per_task()
+        return None if drops is None else _mean(drops)
 
     def backward_transfer(self) -> float | None:
         last = self.num_tasks - 1

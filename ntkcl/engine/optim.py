@@ -4,14 +4,16 @@ Every task gets a new optimiser and schedule. The defaults are the papers' and s
 torch's SGD / Adam / AdamW over the method's `parameter_groups()`, cosine annealing (or a constant rate)
 stepped once per epoch, no clipping. timm's training options are opt-in (`optim.*`):
 
-* `layer_decay`: learning rate x layer_decay^(L + 1 - layer) with L the backbone's blocks (BEiT / timm's
-  layer-wise decay): embeddings are layer 0, block i and every module attached to it layer i + 1, heads and
-  everything else layer L + 1.
+* `layer_decay`: learning rate x layer_decay^(L - layer) with L the backbone's image blocks, as timm's
+  `param_groups_layer_decay` assigns layers: embeddings are layer 0, block i and every module attached to
+  it layer i + 1, and the final norm, heads and everything else layer L (the last block's).
 * `weight_decay_exclude_1d`: no weight decay on 1-D parameters, biases and the backbone's `no_weight_decay()`
   names (timm's `filter_bias_and_bn`).
 * an optimizer name outside sgd / adam / adamw (lamb, lion, nadamw, ...): timm's `create_optimizer_v2`.
 * `warmup_epochs` (from `warmup_lr`), `sched_on_updates` (step the schedule after every optimizer update),
   or layer decay: timm's `create_scheduler_v2`, which also applies each group's `lr_scale`.
+* `scheduler = "onecycle"`: torch's OneCycleLR (peak `lr`, its default warm-up and annealing), stepped after
+  every update (KeepLoRA's schedule).
 * `clip_grad` / `clip_mode` (norm, value, agc): timm's `dispatch_clip_grad` before every optimizer step.
 
 `scheduler = "onecycle"` is torch's OneCycleLR stepped after every update (KeepLoRA's schedule). New
@@ -21,7 +23,6 @@ schedules go into `_build_schedule`, new parameter-group rules into
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -29,28 +30,39 @@ from torch import nn
 
 from ntkcl.config import TORCH_OPTIMIZERS, OptimConfig
 
-_BLOCK_PARAMETER = re.compile(r"^backbone\.vit\.blocks\.(\d+)\.")
-_BACKBONE_HEAD = ("backbone.vit.norm.", "backbone.vit.fc_norm.", "backbone.vit.head.", "backbone.vit.attn_pool.")
+
+def backbone_layers(backbone: nn.Module) -> dict[int, int]:
+    """Layer of each backbone parameter (by id): i + 1 inside image block i, timm's grouping for the rest of a
+    timm ViT (0 for the patch and position embeddings, L for the final norm), L otherwise."""
+    num_blocks = len(backbone.blocks)
+    layers = {}
+    vit = getattr(backbone, "vit", None)
+    if vit is not None and hasattr(vit, "group_matcher"):
+        from timm.models import group_parameters
+
+        by_name = group_parameters(vit, vit.group_matcher(coarse=False), reverse=True)
+        named = dict(vit.named_parameters())
+        layers = {id(named[name]): min(layer, num_blocks) for name, layer in by_name.items()}
+    for index, block in enumerate(backbone.blocks):
+        layers.update({id(parameter): index + 1 for parameter in block.parameters()})
+    return layers
 
 
-def layer_of(method: nn.Module, name: str, num_blocks: int) -> int:
-    """The layer of parameter `name` for layer-wise decay: 0 embeddings, i + 1 block i, L + 1 the rest.
+def layer_of(method: nn.Module, name: str, num_blocks: int, backbone_layer: dict[int, int]) -> int:
+    """The layer of parameter `name` for layer-wise decay: 0 embeddings, i + 1 block i, L the rest.
 
-    A method's module belongs to block i when it sits at index i of a module list with one entry per block
-    (adapters, prompt generators); a parameter inside the backbone is placed by the timm block it is in.
+    A method's own module belongs to block i when it sits at index i of a module list with one entry per
+    block (adapters, prompt generators); a backbone parameter is placed by `backbone_layers`.
     """
-    block = _BLOCK_PARAMETER.match(name)
-    if block:
-        return int(block.group(1)) + 1
-    if name.startswith("backbone."):
-        return num_blocks + 1 if name.startswith(_BACKBONE_HEAD) else 0
-    parts = name.split(".")
     module = method
-    for part in parts[:-1]:
+    for part in name.split(".")[:-1]:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) == num_blocks and part.isdigit():
             return int(part) + 1
+        if module is method.backbone:
+            break
         module = getattr(module, part)
-    return num_blocks + 1
+    parameter = method.get_parameter(name)
+    return backbone_layer.get(id(parameter), num_blocks)
 
 
 def _excluded_from_decay(name: str, parameter: nn.Parameter, backbone_no_decay: set[str]) -> bool:
@@ -67,9 +79,11 @@ def parameter_groups(method: nn.Module, settings: OptimConfig) -> list[dict]:
     if settings.layer_decay is None and not settings.weight_decay_exclude_1d:
         return groups
     names = {id(parameter): name for name, parameter in method.named_parameters()}
-    vit = method.backbone.vit
-    num_blocks = len(vit.blocks)
-    no_decay_names = getattr(vit, "no_weight_decay", lambda: set())()
+    backbone = method.backbone
+    num_blocks = len(backbone.blocks)
+    layers = backbone_layers(backbone) if settings.layer_decay is not None else {}
+    vit = getattr(backbone, "vit", None)
+    no_decay_names = vit.no_weight_decay() if hasattr(vit, "no_weight_decay") else set()
     backbone_no_decay = {f"backbone.vit.{name}" for name in no_decay_names}
     split: list[dict] = []
     for group in groups:
@@ -77,7 +91,7 @@ def parameter_groups(method: nn.Module, settings: OptimConfig) -> list[dict]:
         parts: dict[tuple[int, bool], list[nn.Parameter]] = {}
         for parameter in group["params"]:
             name = names[id(parameter)]
-            layer = layer_of(method, name, num_blocks) if settings.layer_decay is not None else num_blocks + 1
+            layer = layer_of(method, name, num_blocks, layers) if settings.layer_decay is not None else 0
             decayed = not (
                 settings.weight_decay_exclude_1d and _excluded_from_decay(name, parameter, backbone_no_decay)
             )
@@ -87,7 +101,7 @@ def parameter_groups(method: nn.Module, settings: OptimConfig) -> list[dict]:
             if not decayed:
                 part["weight_decay"] = 0.0
             if settings.layer_decay is not None:
-                part["lr_scale"] = settings.layer_decay ** (num_blocks + 1 - layer)
+                part["lr_scale"] = settings.layer_decay ** (num_blocks - layer)
             split.append(part)
     return split
 
@@ -123,22 +137,23 @@ def build_optimizer(groups: list[dict], settings: OptimConfig, allow_fused: bool
 class Schedule:
     """A learning-rate schedule stepped after each epoch (`epoch_end`) or after each update (`update`)."""
 
-    def __init__(self, scheduler, per_update: bool, timm_style: bool):
+    def __init__(self, scheduler, per_update: bool):
         self.scheduler = scheduler
         self.per_update = per_update
-        self._timm = timm_style
+        self._timm = hasattr(scheduler, "step_update")
 
     def update(self, updates: int) -> None:
         """After `updates` optimizer updates of the task."""
-        if self.per_update:
-            if self._timm:
-                self.scheduler.step_update(updates)
-            else:
-                self.scheduler.step()
+        if not self.per_update:
+            return
+        if self._timm:
+            self.scheduler.step_update(updates)
+        else:
+            self.scheduler.step()
 
     def epoch_end(self, epochs_done: int) -> None:
         if self._timm:
-            self.scheduler.step(epochs_done)
+            self.scheduler.step(epochs_done)  # a timm schedule stepped on updates ignores it
         elif not self.per_update:
             self.scheduler.step()
 
@@ -150,6 +165,8 @@ class Schedule:
 
 
 def uses_timm_scheduler(settings: OptimConfig) -> bool:
+    if settings.scheduler == "onecycle":
+        return False
     return settings.warmup_epochs > 0 or settings.sched_on_updates or settings.layer_decay is not None
 
 
@@ -158,10 +175,10 @@ def _build_schedule(
 ) -> Schedule:
     if settings.scheduler == "onecycle":
         # KeepLoRA's schedule: torch's OneCycleLR with its defaults, peaking at the configured rate.
-        max_lr = [group["lr"] for group in optimizer.param_groups]
+        max_lr = [group["lr"] * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
         total = max(1, epochs * updates_per_epoch)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=total)
-        return Schedule(scheduler, per_update=True, timm_style=False)
+        return Schedule(scheduler, per_update=True)
     if uses_timm_scheduler(settings):
         from timm.scheduler import create_scheduler_v2
 
@@ -175,12 +192,12 @@ def _build_schedule(
             step_on_epochs=not settings.sched_on_updates,
             updates_per_epoch=updates_per_epoch,
         )
-        return Schedule(scheduler, per_update=settings.sched_on_updates, timm_style=True)
+        return Schedule(scheduler, per_update=settings.sched_on_updates)
     if settings.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=settings.min_lr)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return Schedule(scheduler, per_update=False, timm_style=False)
+    return Schedule(scheduler, per_update=False)
 
 
 @dataclass

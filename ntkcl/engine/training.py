@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from ntkcl.engine.interrupt import StopRequest, ignore_interrupts
 from ntkcl.engine.optim import TaskOptimization
 from ntkcl.engine.progress import Reporter
 from ntkcl.engine.seeding import AUGMENTATION_STREAM, STEP_STREAM, derived_seed, seed_everything
+from ntkcl.engine.tracking import Tracking
 from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.methods.base import ContinualMethod, TaskInfo
 
@@ -188,9 +189,9 @@ class Progress:
 
     epoch: int = 0
     step: int = 0
-    totals: dict[str, torch.Tensor] | None = None
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
     epoch_lr: float | None = None
-    history: list[dict] | None = None
+    history: list[dict] = field(default_factory=list)
 
 
 class TaskTraining:
@@ -205,10 +206,11 @@ class TaskTraining:
         config: RunConfig,
         ctx: DistributedContext,
         reporter: Reporter,
+        tracking: Tracking,
         run_dir: Path,
     ):
         self.method, self.task, self.config, self.ctx = method, task, config, ctx
-        self.reporter, self.run_dir = reporter, run_dir
+        self.reporter, self.tracking, self.run_dir = reporter, tracking, run_dir
         settings, seed = config.optim, config.runtime.seed
         self.per_process = per_process_batch(settings.batch_size, ctx.world_size, settings.accumulation_steps)
         self.dataset = SeededImages(ImageDataset(stream.train, transform), stream.train_indices(task).tolist())
@@ -258,7 +260,7 @@ class TaskTraining:
         state = {
             "method": training_state(self.method),
             "optimization": self.optimization.state_dict(),
-            "totals": {key: value.detach().cpu() for key, value in (progress.totals or {}).items()},
+            "totals": {key: value.detach().cpu() for key, value in progress.totals.items()},
         }
         path = rundir.save_snapshot(self.run_dir, position, state)
         self.reporter.message(f"saved snapshot {path.name}")
@@ -266,7 +268,7 @@ class TaskTraining:
     def run(self, snapshot: Path | None = None) -> list[dict]:
         """Train the remaining epochs; returns one log record per epoch of the task."""
         method, ctx = self.method, self.ctx
-        progress = self._restore(snapshot) if snapshot is not None else Progress(history=[])
+        progress = self._restore(snapshot) if snapshot is not None else Progress()
         model = method
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -274,19 +276,18 @@ class TaskTraining:
                 method, device_ids=device_ids, find_unused_parameters=True, **NO_BUFFER_SYNC_PER_STEP
             )
         with StopRequest(handles=ctx.is_main) as stop:
-            for epoch in range(progress.epoch, self.epochs):
-                resumed = epoch == progress.epoch and progress.step > 0
-                first_step = progress.step if resumed else 0
-                progress.totals = progress.totals if resumed else {}
-                progress.epoch_lr = progress.epoch_lr if resumed else self.optimization.learning_rate
-                progress.epoch, progress.step = epoch, first_step
-                self._train_epoch(model, progress, first_step, stop)
+            while progress.epoch < self.epochs:
+                if progress.step == 0:  # a new epoch, not one resumed in the middle
+                    progress.epoch_lr = self.optimization.learning_rate
+                self._train_epoch(model, progress, stop)
                 self._end_epoch(progress)
         return progress.history
 
-    def _train_epoch(self, model, progress: Progress, first_step: int, stop: StopRequest) -> None:
+    def _train_epoch(self, model, progress: Progress, stop: StopRequest) -> None:
+        """The steps of `progress.epoch` from `progress.step` on."""
         method, ctx, config, task = self.method, self.ctx, self.config, self.task
         method.train()
+        first_step = progress.step
         self.sampler.set_position(progress.epoch, skip=first_step * self.per_process)
         label = f"task {task.index + 1}/{task.num_tasks} epoch {progress.epoch + 1}/{self.epochs}"
         self.reporter.start_epoch(label, len(self.loader))
@@ -319,7 +320,8 @@ class TaskTraining:
         progress.history.append(record)
         if ctx.is_main:
             rundir.append_log(self.run_dir, {"event": "epoch_end", **record})
-        progress.epoch, progress.step, progress.totals, progress.epoch_lr = epoch + 1, 0, {}, None
+            self.tracking.epoch_end(record, task.index * self.config.optim.epochs + epoch + 1)
+        progress.epoch, progress.step, progress.totals = epoch + 1, 0, {}
         every = self.config.runtime.snapshot_epochs
         if every and (epoch + 1) % every == 0:
             self._save_snapshot(progress)

@@ -68,7 +68,9 @@ class ContinualModel(
         self.metrics = dict(metrics or {})
         self.card = card
         self.source = source
-        _, self.transform = build_transforms(export_config["stream"]["augment"], continual_method.backbone.img_size)
+        augment, backbone = export_config["stream"]["augment"], continual_method.backbone
+        timm_config = backbone.data_config() if augment == "timm" else None
+        _, self.transform = build_transforms(augment, backbone.img_size, timm_config)
 
     @property
     def device(self) -> torch.device:

@@ -232,6 +232,12 @@ class Backbone(nn.Module):
     def blocks(self) -> nn.Sequential:
         return self.vit.blocks
 
+    def data_config(self) -> dict:
+        """timm's pretrained data configuration (interpolation, mean, std, crop_pct, crop_mode) at this input size."""
+        from timm.data import resolve_model_data_config
+
+        return {**resolve_model_data_config(self.vit), "input_size": (3, self.img_size, self.img_size)}
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise, patch-embed and add position embeddings: the tokens the first block receives."""
         x = (images - self.mean) / self.std
