@@ -26,6 +26,7 @@ from ntkcl import __version__
 from ntkcl.engine import rundir
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.errors import BadInputError
+from ntkcl.extras import require
 
 INDEX_FILE = "index.html"
 ALL_SEEN_FILE = "all_seen_accuracy.png"
@@ -89,11 +90,7 @@ class RunSummary:
 
 def _pyplot_free_figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no pyplot state, no display needed)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise BadInputError("ntkcl report draws with matplotlib: pip install 'ntkcl[report]'") from error
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return require("matplotlib.figure").Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def draw_heatmap(run: RunSummary, path: Path) -> None:

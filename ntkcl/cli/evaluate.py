@@ -26,15 +26,20 @@ def _print_export_result(result: dict) -> None:
 
 
 def evaluate(
-    path: str = typer.Argument(..., help="A run directory, an export folder, or a Hub repo id (user/name)."),
+    path: str = typer.Argument(
+        ..., metavar="PATH", help="A run directory, an export folder, or a Hub repo id (user/name)."
+    ),
     stream: str | None = typer.Option(
         None,
         "--stream",
         "-s",
+        metavar="NAME",
         help="Exports only: score on another prepared dataset with the same classes (default: the export's).",
         autocompletion=_common.complete_datasets,
     ),
-    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit of a repo id."),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="REF", help="Hub branch, tag or commit of a repo id."
+    ),
     weights: Path | None = typer.Option(
         None,
         "--weights",

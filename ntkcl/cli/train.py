@@ -28,6 +28,7 @@ FLAG_FIELDS = {
     "epochs": ("optim", "epochs"),
     "lr": ("optim", "lr"),
     "batch_size": ("optim", "batch_size"),
+    "accumulation_steps": ("optim", "accumulation_steps"),
     "seed": ("runtime", "seed"),
     "device": ("runtime", "device"),
     "precision": ("runtime", "precision"),
@@ -81,6 +82,7 @@ def train(
         None,
         "--stream",
         "-s",
+        metavar="NAME",
         help="Dataset, composite stream, or datasets a,b,c one per task (see `ntkcl datasets`).",
         autocompletion=_common.complete_datasets,
     ),
@@ -88,12 +90,20 @@ def train(
         None, "--scenario", help="class-incremental or task-incremental (default: the stream's own)."
     ),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="Method name (default ntk-cl).", autocompletion=_common.complete_methods
+        None,
+        "--method",
+        "-m",
+        metavar="NAME",
+        help="Method name (default ntk-cl; the README lists the built-in ones).",
+        autocompletion=_common.complete_methods,
     ),
     backbone: str | None = typer.Option(
         None,
         "--backbone",
-        help="timm model: arch.tag, a bare architecture (its default tag), hf-hub:REPO or local-dir:FOLDER.",
+        "--model",
+        metavar="NAME",
+        help="timm model (arch.tag, a bare architecture, hf-hub:REPO, local-dir:FOLDER) or an open_clip CLIP "
+        "(clip:ViT-B-16/openai). --model is timm's name for it.",
     ),
     weights: Path | None = typer.Option(
         None,
@@ -107,40 +117,63 @@ def train(
         None, "--config", "-c", parser=_common.non_empty_path, metavar="FILE", help="TOML or YAML config file."
     ),
     assignments: list[str] = typer.Option(
-        [], "--set", help="Override any field: --set optim.lr=0.01; a {table} replaces the preset's (repeatable)."
+        [],
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override any field: --set optim.lr=0.01; a {table} replaces the preset's (repeatable).",
     ),
     unset: list[str] = typer.Option(
         [], "--unset", metavar="KEY", help="Drop KEY from the presets and --config file: its default applies."
     ),
-    init_classes: int | None = typer.Option(None, "--init-classes", help="Classes in the first task."),
-    increment: int | None = typer.Option(None, "--increment", help="Classes per later task."),
-    class_order_seed: int | None = typer.Option(None, "--class-order-seed", help="np.random.seed for the class order."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per task."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size."),
-    seed: int | None = typer.Option(None, "--seed", help="Training seed (separate from the class order)."),
+    init_classes: int | None = typer.Option(None, "--init-classes", metavar="N", help="Classes in the first task."),
+    increment: int | None = typer.Option(None, "--increment", metavar="N", help="Classes per later task."),
+    class_order_seed: int | None = typer.Option(
+        None, "--class-order-seed", metavar="SEED", help="np.random.seed for the class order."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", metavar="N", help="Epochs per task."),
+    lr: float | None = typer.Option(None, "--lr", metavar="LR", help="Learning rate."),
+    batch_size: int | None = typer.Option(None, "--batch-size", metavar="N", help="Global batch size."),
+    accumulation_steps: int | None = typer.Option(
+        None,
+        "--accumulation-steps",
+        "--grad-accum-steps",
+        metavar="N",
+        help="Split each batch into N backward passes (--grad-accum-steps as in timm).",
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", metavar="SEED", help="Training seed (separate from the class order)."
+    ),
     device: str | None = _common.device_option(None, "Where to train (auto: a GPU when one is visible)."),
     precision: Precision | None = typer.Option(None, "--precision", help="auto: bf16 autocast on GPU, fp32 on CPU."),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per process."),
+    num_workers: int | None = typer.Option(
+        None, "--num-workers", "--workers", metavar="N", help="DataLoader workers per process (--workers as in timm)."
+    ),
     compile_passes: bool | None = typer.Option(
         None,
         "--compile/--no-compile",
         help="torch.compile the method's backbone passes (default auto: on CUDA for long runs; see README).",
     ),
     gpus: str | None = typer.Option(
-        None, "--gpus", help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun."
+        None,
+        "--gpus",
+        metavar="LIST",
+        help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun.",
     ),
     nproc: int | None = typer.Option(
-        None, "--nproc", help="Processes on this host: gloo on CPU, or one GPU each. The batch size stays global."
+        None,
+        "--nproc",
+        metavar="N",
+        help="Processes on this host: gloo on CPU, or one GPU each. The batch size stays global.",
     ),
     data_root: Path | None = _common.DATA_ROOT_OPTION,
     out: Path = typer.Option(
         Path("runs"),
         "--out",
+        "--output",
         "-o",
         parser=_common.non_empty_path,
         metavar="DIR",
-        help="Folder that receives the run directory.",
+        help="Folder that receives the run directory (--output as in timm).",
     ),
     resume: Path | None = typer.Option(
         None,
@@ -158,7 +191,8 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
-    """Train a class-incremental run; writes runs/<stream>-<method>-<stamp>/ and prints the accuracy table."""
+    """Train a continual-learning run (class- or task-incremental); writes runs/<stream>-<method>-<stamp>/ and
+    prints the accuracy table."""
     _common.set_json(json_output)
     # The engine (torch, timm) is imported once the flags and config values have passed their checks.
     from ntkcl.presets import resolve_config
@@ -178,6 +212,7 @@ def train(
         "epochs": epochs,
         "lr": lr,
         "batch_size": batch_size,
+        "accumulation_steps": accumulation_steps,
         "seed": seed,
         "device": device,
         "precision": precision,
