@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import Precision, Scenario, check_config_key, deep_merge, load_config, parse_assignments, validate
+from ntkcl.config import Precision, Scenario, deep_merge
 from ntkcl.errors import BadInputError
 
 # The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
@@ -188,14 +188,20 @@ def train(
         metavar="TRACKER",
         help="Also log to tensorboard or wandb (repeatable; extras ntkcl[tensorboard], ntkcl[wandb]).",
     ),
+    print_config: bool = typer.Option(
+        False,
+        "--print-config",
+        help="Print the resolved configuration and the layer each value comes from, then exit without training.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also report routine steps (each saved snapshot)."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
     """Train a continual-learning run (class- or task-incremental); writes runs/<stream>-<method>-<stamp>/ and
     prints the accuracy table."""
     _common.set_json(json_output)
     # The engine (torch, timm) is imported once the flags and config values have passed their checks.
-    from ntkcl.presets import resolve_config
+    from ntkcl.presets import config_layers, merge_layers, resumed_layers, value_sources
 
     processes = _process_overrides(gpus, nproc)
     flags = {
@@ -220,6 +226,8 @@ def train(
         "compile": None if compile_passes is None else ("on" if compile_passes else "off"),
         "log": log or None,
     }
+    overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
+    run_dir = None
     if resume is not None:
         from ntkcl.engine import rundir
 
@@ -230,30 +238,29 @@ def train(
                 "--resume continues a run with its saved config; only --device, --num-workers, --data-root, "
                 "--gpus and --nproc may change"
             )
-        config = load_config(run_dir / rundir.CONFIG_FILE)
-        overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
-        config = validate(deep_merge(config.model_dump(mode="json"), overrides))
-    else:
-        run_dir = None
-        overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
-        for key in unset:
-            check_config_key(key, "--unset")
-        assigned, replaced = parse_assignments(assignments)
-        overrides = deep_merge(overrides, assigned)  # --set is the most specific layer
-        with _common.warnings_after_checks():
-            config = resolve_config(config_file, overrides, [*unset, *replaced])
+    # Warnings (a dropped preset value) wait until every check has passed, the backbone's weights included,
+    # so bad input stays one line.
+    with _common.warnings_after_checks() as held:
+        if run_dir is not None:
+            layers = resumed_layers(run_dir / rundir.CONFIG_FILE, overrides)
+            config = merge_layers(layers)
+        else:
             from ntkcl.engine.builders import complete_config
 
-            config = complete_config(config)
-    from ntkcl.engine.launch import launch
-    from ntkcl.engine.progress import Reporter
+            layers = config_layers(config_file, overrides, unset, assignments)
+            config = complete_config(merge_layers(layers))
+        if print_config:
+            _print_config(value_sources(layers, config))
+            return
+        from ntkcl.engine.launch import launch
+        from ntkcl.engine.progress import Reporter
 
-    reporter = Reporter(enabled=not quiet)
-    try:
-        result = launch(config, out, run_dir, reporter)
-    except KeyboardInterrupt:
-        where = reporter.run_dir or "the run directory"
-        _common.fail(f"interrupted; progress is saved; continue with `ntkcl train --resume {where}`", 130)
+        reporter = Reporter(enabled=not quiet, verbose=verbose, on_checked=held.release)
+        try:
+            result = launch(config, out, run_dir, reporter)
+        except KeyboardInterrupt:
+            where = reporter.run_dir or "the run directory"
+            _common.fail(f"interrupted; progress is saved; continue with `ntkcl train --resume {where}`", 130)
     if not result.main_process:  # under torchrun, rank 0 alone prints the result
         return
     metrics = result.metrics
@@ -264,6 +271,25 @@ def train(
         metrics, title=f"{config.stream.dataset} / {config.method.name}: accuracy (%) after each task"
     )
     _common.stdout.print(f"run directory: {result.run_dir}", highlight=False)
+
+
+def _print_config(sources: dict[str, tuple[object, str]]) -> None:
+    """`--print-config`: one `key = value  (source)` line per value, or {"config": ..., "sources": ...} as JSON."""
+    import json
+
+    if _common.STATE["json"]:
+        config: dict = {}
+        for key, (value, _) in sources.items():
+            *sections, leaf = key.split(".")
+            cursor = config
+            for section in sections:
+                cursor = cursor.setdefault(section, {})
+            cursor[leaf] = value
+        _common.emit({"config": config, "sources": {key: source for key, (_, source) in sources.items()}})
+        return
+    width = max(len(key) for key in sources)
+    for key, (value, source) in sources.items():
+        _common.stdout.print(f"{key:<{width}} = {json.dumps(value)}  ({source})", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,7 @@ from ntkcl.data.scenarios import TASK_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.progress import Reporter
 from ntkcl.methods.base import ContinualMethod, TaskInfo
 
 
@@ -46,12 +47,22 @@ class ScoringLoader:
     batch_size: int
     num_workers: int
     precision: str = "auto"
+    progress: Reporter | None = None  # shows a bar while a split is read (on a terminal)
 
     @classmethod
-    def for_run(cls, config: RunConfig, stream: Stream, transform: Callable, ctx: DistributedContext) -> ScoringLoader:
+    def for_run(
+        cls,
+        config: RunConfig,
+        stream: Stream,
+        transform: Callable,
+        ctx: DistributedContext,
+        progress: Reporter | None = None,
+    ) -> ScoringLoader:
         """The run configuration's evaluation batch size, workers and precision."""
         runtime = config.runtime
-        return cls(stream, transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision)
+        return cls(
+            stream, transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision, progress
+        )
 
     def batches(self, images: Samples, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's shard of `images[indices]`, on its device."""
@@ -64,8 +75,11 @@ class ScoringLoader:
             pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
-        for batch_images, labels in loader:
-            yield batch_images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        bar = self.progress.bar("scoring", len(loader)) if self.progress else contextlib.nullcontext(lambda: None)
+        with bar as advance:
+            for batch_images, labels in loader:
+                yield batch_images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                advance()
 
 
 class TaskImages:
@@ -197,7 +211,7 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_run_transforms(config, backbone)
-    scoring = ScoringLoader.for_run(config, stream, test_transform, ctx)
+    scoring = ScoringLoader.for_run(config, stream, test_transform, ctx, reporter)
 
     def fresh_method() -> ContinualMethod:
         method = build_method(config, backbone)

@@ -113,7 +113,7 @@ class Trainer:
         )
         self.compiled = compile_method(self.method, self.compile_plan, self.reporter.message)
         self.train_transform, test_transform = build_run_transforms(config, self.backbone)
-        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
+        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx, self.reporter)
         self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
         self.zero_shot: list[tuple[int, int]] | None = None
         self.tracking = Tracking([], run_dir, {})
@@ -288,8 +288,9 @@ def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter
     try:
         ctx = init_distributed(config.runtime.device, config.runtime.gpus)
         parts = prepare_run(config, ctx, out if resume_dir is None else None)
+        reporter.checked()
         run_dir = resume_dir if resume_dir is not None else start_run(config, out, ctx)
-        reporter.run_dir = run_dir
+        reporter.started(run_dir)
         trainer = Trainer(config, run_dir, ctx, reporter, parts)
         result = trainer.run(resume=resume_dir is not None)
     except Exception as error:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -272,21 +273,35 @@ def _classifier_keys(config: dict) -> set[str]:
     return {f"{name}.{suffix}" for name in names for suffix in ("weight", "bias")}
 
 
-def _key_groups(keys: list[str], shown: int = 6) -> str:
-    """`blocks.4.*, blocks.5.*, norm.weight`: numbered sub-modules folded into one entry each."""
-    groups = list(dict.fromkeys(re.sub(r"^(\w+\.\d+)\..*", r"\1.*", key) for key in keys))
+def _key_groups(keys: list[str], universe: Iterable[str], shown: int = 6) -> str:
+    """`blocks.4.*, blocks.5.*, norm.weight`: a numbered sub-module is folded into one entry only when every
+    one of its tensors in `universe` is listed; otherwise its keys are named exactly."""
+    listed = set(keys)
+    members: dict[str, set[str]] = {}
+    for key in universe:
+        match = re.match(r"^(\w+\.\d+)\.", key)
+        if match:
+            members.setdefault(match.group(1), set()).add(key)
+    entries = []
+    for key in keys:
+        match = re.match(r"^(\w+\.\d+)\.", key)
+        whole = match is not None and members.get(match.group(1), {key}) <= listed
+        entries.append(f"{match.group(1)}.*" if whole else key)
+    groups = list(dict.fromkeys(entries))
     more = f" (+{len(groups) - shown} more)" if len(groups) > shown else ""
     return ", ".join(groups[:shown]) + more
 
 
-def load_problems(error: RuntimeError) -> str:
-    """`missing blocks.5.*, norm.weight; unexpected head.fc.weight` from torch's strict-load error."""
+def load_problems(error: RuntimeError, model_keys: Iterable[str], file_keys: Iterable[str]) -> str:
+    """`missing blocks.5.*, norm.weight; unexpected head.fc.weight` from torch's strict-load error; a block is
+    folded only when all of it is missing (model keys) or unexpected (file keys)."""
     text = str(error)
+    model_keys, file_keys = set(model_keys), set(file_keys)
     parts = []
     for label, pattern in _LOAD_PROBLEMS.items():
         keys = [key for match in pattern.findall(text) for key in re.findall(r'"([^"]+)"', match) or [match]]
         if keys:
-            parts.append(f"{label} {_key_groups(keys)}")
+            parts.append(f"{label} {_key_groups(keys, file_keys if label == 'unexpected' else model_keys)}")
     return "; ".join(parts) or first_line(error)
 
 
@@ -327,7 +342,9 @@ def create_timm_model(
                 raise BadInputError(
                     f"cannot load {origin.weights_file} into {origin.name}: {first_line(error)}"
                 ) from error
-            problems = load_problems(error)
+            with torch.device("meta"):
+                model_keys = timm.create_model(name, pretrained=False, **kwargs).state_dict().keys()
+            problems = load_problems(error, model_keys, state.keys())
             if not allow_partial or "wrong shape" in problems:
                 raise BadInputError(
                     f"{origin.weights_file} does not fit {origin.name} with {kwargs}: {problems}"
