@@ -26,6 +26,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def write_safetensors(path: Path, tensors: dict) -> None:
+    """Tensors as a safetensors file (`format: pt` metadata, keys sorted) with the permissions of any other file
+    written here: safetensors' own file writer creates owner-only files."""
+    from safetensors.torch import save
+
+    ordered = {key: tensors[key].detach().to("cpu").contiguous() for key in sorted(tensors)}
+    path.write_bytes(save(ordered, metadata={"format": "pt"}))
+
+
 def clean_stale_staging(folder: Path) -> None:
     """Remove staging folders that an interrupted earlier write of `folder` left behind."""
     if folder.parent.is_dir():

@@ -28,7 +28,7 @@ from ntkcl.export import (
     load_pretrained,
     task_infos,
 )
-from ntkcl.export.card import EVALUATED
+from ntkcl.export.card import EVALUATED, card_data
 from ntkcl.methods.registry import discover_methods
 from tests.test_cli_bad_input import assert_one_line_error
 
@@ -145,7 +145,7 @@ def test_card_metadata_parses_back_as_hub_metadata(cli, run_of, tmp_path):
     assert cli("export", run, "--out", folder).code == 0
     card = ModelCard.load(folder / CARD_NAME)
     data = card.data
-    assert data.datasets == ["digits"] and data.metrics == ["accuracy"]
+    assert data.datasets is None and data.metrics == ["accuracy"]  # digits has no copy on the Hub
     assert (data.license, data.license_name) == ("other", "unspecified")
     assert data.license_link == get_dataset("digits").homepage and "## Licence" in card.text
     metrics = json.loads((run / "metrics.json").read_text())
@@ -159,6 +159,15 @@ def test_card_metadata_parses_back_as_hub_metadata(cli, run_of, tmp_path):
             "test",
         )
     assert card.text.count("@article{liu2024ntkcl") == 1  # one citation per method
+    document = json.loads((folder / CONFIG_NAME).read_text())
+    assert f"pip install 'ntkcl=={document['ntkcl_version']}'" in card.text
+    assert f"| `optim.lr` | `{json.dumps(document['training']['optim']['lr'])}` |" in card.text
+    for key, value in document["method_params"].items():
+        assert f"| `method.params.{key}` | `{json.dumps(value)}` |" in card.text
+    document["stream"]["dataset"] = "cifar100"  # a dataset the Hub has: its id, not the plugin name
+    hub = card_data(document, metrics)
+    assert hub.datasets == ["uoft-cs/cifar100"]
+    assert {result.dataset_type for result in hub.eval_results} == {"uoft-cs/cifar100"}
     summary = json.loads((folder / HUB_CONFIG_NAME).read_text())
     assert (summary["method"], summary["adapter_config"], summary["weights"]) == ("ntk-cl", CONFIG_NAME, WEIGHTS_NAME)
 

@@ -148,6 +148,8 @@ class DatasetPlugin(ABC):
         class_names: names in base-label order (may be filled from the manifest once prepared).
         label_order: how base labels are assigned (e.g. "ImageFolder: case-sensitive sort of folder names").
         homepage, license, citation: shown by `ntkcl datasets` and copied into model cards.
+        hub_dataset_id: the dataset's id on the Hugging Face Hub (`uoft-cs/cifar100`), which model cards list as
+            their `datasets`; empty when the Hub has no copy of it.
         files: what `prepare` needs; empty for generated or bundled data.
         default_init_classes, default_increment: the class-incremental protocol used when a run does not
             say otherwise (the NTK-CL paper's protocol for its benchmarks).
@@ -164,6 +166,7 @@ class DatasetPlugin(ABC):
     homepage: str = ""
     license: str = ""
     citation: str = ""
+    hub_dataset_id: str = ""
     files: tuple[RemoteFile, ...] = ()
     default_init_classes: int = 0
     default_increment: int = 0

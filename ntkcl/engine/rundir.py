@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ntkcl.engine.metrics import AccuracyMatrix, retrieval_summary
 from ntkcl.errors import BadInputError
-from ntkcl.files import atomic_write_text, staged_folder
+from ntkcl.files import atomic_write_text, staged_folder, write_safetensors
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -147,9 +147,9 @@ def save_checkpoint(
     training = {key: value for key, value in tensors.items() if training_only is not None and training_only(key)}
     predicting = {key: value for key, value in tensors.items() if key not in training}
     with staged_folder(final) as staging:
-        save_file(predicting, staging / STATE_FILE, metadata={"format": "pt"})
+        write_safetensors(staging / STATE_FILE, predicting)
         if training:
-            save_file(training, staging / TRAINING_STATE_FILE, metadata={"format": "pt"})
+            write_safetensors(staging / TRAINING_STATE_FILE, training)
         write_json(staging / TASK_FILE, record)
     return final
 

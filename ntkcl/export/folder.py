@@ -17,18 +17,17 @@ A run that is still training (or was stopped) is exported as far as its finished
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ntkcl.engine import rundir
 from ntkcl.errors import BadInputError
 from ntkcl.export.card import render_card
 from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, HUB_CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME
 from ntkcl.export.document import build_export_config, hub_config
-from ntkcl.files import staged_folder
+from ntkcl.files import staged_folder, write_safetensors
 
 
 @dataclass
@@ -79,10 +78,7 @@ def write_export_files(folder: Path, document: dict, tensors: dict, metrics: dic
     """Write the export files into an existing `folder` (other files in it are left alone)."""
     (folder / CONFIG_NAME).write_text(_json_text(document), encoding="utf-8")
     (folder / HUB_CONFIG_NAME).write_text(_json_text(hub_config(document)), encoding="utf-8")
-    save_file(
-        {key: tensors[key].contiguous() for key in sorted(tensors)}, folder / WEIGHTS_NAME, metadata={"format": "pt"}
-    )
-    shutil.copymode(folder / CONFIG_NAME, folder / WEIGHTS_NAME)  # safetensors writes owner-only files
+    write_safetensors(folder / WEIGHTS_NAME, tensors)
     (folder / METRICS_NAME).write_text(_json_text(metrics), encoding="utf-8")
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
 
