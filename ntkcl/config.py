@@ -82,7 +82,9 @@ class StrictModel(BaseModel):
     and new methods are covered without a line of their own: a weight that can only produce NaN is bad input.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # No protected namespace: hyper-parameters such as NTK-CL's `model_name` are fields, and pydantic before
+    # 2.10 warns about every field that starts with `model_`.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     @field_validator("*")
     @classmethod

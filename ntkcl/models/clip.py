@@ -22,7 +22,7 @@ from torch import nn
 from ntkcl.errors import BadInputError
 from ntkcl.extras import require
 from ntkcl.files import sha256_file
-from ntkcl.models.backbone import (
+from ntkcl.models._backbone_common import (
     CLIP_TOWERS,
     NORMALIZATION_CONSTANTS,
     VIT_TOKENS,
