@@ -37,6 +37,10 @@ name (`training_step(images, labels, stage)`), back-propagates (DDP all-reduces 
 calls `adjust_gradients(stage)` and steps the optimizer. Only the parameters a stage's loss reaches have a
 gradient at its step, so the others are left alone (no momentum or weight-decay update) by SGD and Adam.
 
+The engine sets `train_batch_size` (the run's global `optim.batch_size`) before the first task, for a method
+whose reference reads its configured batch size inside the loss (NTK-CL samples that many old prototypes,
+also on a task's last, partial batch); None outside a run.
+
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
 modules; `training_only` marks the part needed to continue training but not to predict). Methods never
 import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.
@@ -255,6 +259,7 @@ class ContinualMethod(nn.Module, ABC):
         self.params = params
         self.seen_classes = 0
         self.stream_tasks: tuple[TaskInfo, ...] = ()
+        self.train_batch_size: int | None = None
 
     @property
     def device(self) -> torch.device:
