@@ -91,7 +91,9 @@ def test_fusion_query_and_key_biases_decay_as_under_the_reference_sgd():
     method.adjust_gradients("loss")
     assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
     optimization.update()
-    torch.testing.assert_close(method.fusion.query.bias, torch.full_like(method.fusion.query.bias, 2.0 - 0.1 * 0.005 * 2))
+    torch.testing.assert_close(
+        method.fusion.query.bias, torch.full_like(method.fusion.query.bias, 2.0 - 0.1 * 0.005 * 2)
+    )
     torch.testing.assert_close(method.fusion.key.bias, torch.full_like(method.fusion.key.bias, -1.0 + 0.1 * 0.005))
 
 
