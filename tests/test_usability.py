@@ -121,7 +121,9 @@ def tiny_weights(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize(("file", "named"), [("one", "missing blocks.1.mlp.fc1.weight "), ("block", "missing blocks.1.* ")])
+@pytest.mark.parametrize(
+    ("file", "named"), [("one", "missing blocks.1.mlp.fc1.weight "), ("block", "missing blocks.1.* ")]
+)
 def test_partial_weights_error_names_the_missing_keys_in_one_line(cli, data_root, tmp_path, tiny_weights, file, named):
     flags = [flag for flag in TINY_BACKBONE_FLAGS if flag != "--no-pretrained"]
     # The named weights drop the digits preset's backbone settings: that warning must not precede the error.
