@@ -365,7 +365,6 @@ class Proteus(ContinualMethod):
         )
         return torch.stack([score(signature, embeddings[t]) for t, signature in enumerate(self.signatures)])
 
-    @torch.no_grad()
     def predict_with_task(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = self.embed(images, list(range(len(self.signatures))))
         retrieved = self._scores(embeddings).argmax(dim=0)
@@ -378,7 +377,6 @@ class Proteus(ContinualMethod):
             logits = logits.masked_fill(outside, float("-inf"))
         return logits, retrieved
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict_with_task(images)[0]
 
