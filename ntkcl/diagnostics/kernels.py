@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class _Predict(nn.Module):
@@ -55,7 +56,9 @@ def tangent_features(
         return logits if projection is None else logits @ projection[: logits.shape[1]].to(logits)
 
     rows = []
-    with torch.enable_grad():
+    # The math attention kernel: its backward is made of operations with batching rules, so the vmap over
+    # output directions stays batched (the fused kernels' backward would fall back to a per-direction loop).
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             jacobian = jacrev(outputs)(values, batch)

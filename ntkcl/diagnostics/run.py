@@ -220,6 +220,8 @@ def diagnose_run(
         return method
 
     names = trained_parameter_names(fresh_method())
+    if not names:
+        raise BadInputError(f"method {config.method.name} trains no parameters: its tangent kernel is empty")
     last = selected[-1]
     rng = np.random.default_rng(seed)
     probe_indices = []

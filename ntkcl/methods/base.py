@@ -37,6 +37,10 @@ name (`training_step(images, labels, stage)`), back-propagates (DDP all-reduces 
 calls `adjust_gradients(stage)` and steps the optimizer. Only the parameters a stage's loss reaches have a
 gradient at its step, so the others are left alone (no momentum or weight-decay update) by SGD and Adam.
 
+`predict` (and `predict_with_task`) must stay differentiable with respect to the learned state when
+gradients are enabled: the engine and exports call them under `torch.no_grad`, and `ntkcl diagnose`
+differentiates them (`ntkcl.diagnostics`).
+
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
 modules; `training_only` marks the part needed to continue training but not to predict). Methods never
 import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.
