@@ -1,5 +1,6 @@
 """`ntkcl diagnose`: the empirical NTK against an explicit Jacobian, principal angles against SciPy, the
-PROTEUS retrieval bound against a hand computation, and the command on finished digits runs."""
+PROTEUS retrieval bound (`ntkcl.models.signatures.retrieval_bound`) on separated and overlapping Gaussian
+clusters against a hand computation, and the command on finished digits runs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ntkcl.diagnostics import kernels
-from ntkcl.diagnostics.retrieval import retrieval_bound
+from ntkcl.models.signatures import RawComponents, retrieval_bound
 
 TRAINABLE = ("blocks.1.attn.proj.weight", "blocks.1.attn.proj.bias", "head.weight", "head.bias")
 
@@ -134,6 +135,11 @@ def _hand_bound(cluster: np.ndarray, mean: np.ndarray, cov: np.ndarray, own_cov:
     return delta, kappa, sigma2, 2 / d * max(first, second)
 
 
+def _components(mean: np.ndarray, cov: np.ndarray) -> RawComponents:
+    cov = torch.from_numpy(cov)[None]
+    return RawComponents(torch.from_numpy(mean)[None], torch.linalg.inv(cov), torch.logdet(cov))
+
+
 @pytest.mark.parametrize(("distance", "satisfied"), [(12.0, True), (0.5, False)])
 def test_retrieval_bound_matches_a_hand_computation(distance, satisfied):
     rng = np.random.default_rng(3)
@@ -144,33 +150,14 @@ def test_retrieval_bound_matches_a_hand_computation(distance, satisfied):
     # The cluster of task 0 as task 1's model embeds it (the identity here), against task 1's one component.
     mean, cov = other.mean(0), np.cov(other, rowvar=False)
     own_cov = np.cov(own, rowvar=False)
-    bound = retrieval_bound(
-        [torch.from_numpy(own)],
-        [torch.from_numpy(mean)[None]],
-        [torch.from_numpy(cov)[None]],
-        torch.from_numpy(own_cov),
-        truncations=[1, 1],
-    )
+    own_log_det = float(np.linalg.slogdet(own_cov)[1])
+    bound = retrieval_bound([torch.from_numpy(own)], [_components(mean, cov)], own_log_det, 2, [1, 1])
     delta, kappa, sigma2, threshold = _hand_bound(own, mean, cov, own_cov, [1, 1])
     assert bound.delta == pytest.approx(delta, rel=1e-9)
     assert bound.kappa == pytest.approx(kappa, rel=1e-9)
     assert bound.sigma_squared == pytest.approx(sigma2, rel=1e-9)
     assert bound.threshold == pytest.approx(threshold, rel=1e-9)
     assert bound.satisfied is satisfied and bool(delta > threshold) is satisfied
-
-
-def test_retrieval_bound_without_a_real_threshold_fails_as_the_precursor_does():
-    rng = np.random.default_rng(4)
-    own = rng.standard_normal((50, 4)) * 0.5
-    # A far wider other component: κ > 0 and M² < 24dσ²κ, so the first term has no real value.
-    bound = retrieval_bound(
-        [torch.from_numpy(own)],
-        [torch.full((1, 4), 30.0, dtype=torch.float64)],
-        [torch.eye(4, dtype=torch.float64)[None] * 100],
-        torch.eye(4, dtype=torch.float64) * 0.25,
-        truncations=[1, 1],
-    )
-    assert bound.kappa > 0 and bound.threshold is None and not bound.satisfied
 
 
 FAST = ["--probe", "2", "--outputs", "2", "--batch-size", "4", "-q", "--json"]

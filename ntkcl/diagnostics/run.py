@@ -23,7 +23,6 @@ import torch
 
 from ntkcl import __version__
 from ntkcl.diagnostics import kernels
-from ntkcl.diagnostics.retrieval import retrieval_bound
 from ntkcl.errors import BadInputError
 
 DIAGNOSTICS_FILE = "diagnostics.json"
@@ -51,11 +50,9 @@ def trained_parameter_names(method) -> list[str]:
     names: dict[str, None] = {}
     for task in method.stream_tasks:
         method.begin_task(task)
-        learned = method.learned_state()
-        for name, parameter in method.named_parameters():
-            if parameter.requires_grad and name in learned:
-                names[name] = None
-    return list(names)
+        names.update((name, None) for name, parameter in method.named_parameters() if parameter.requires_grad)
+    learned = method.learned_state()  # transient modules (proxy heads, teachers) are not part of it
+    return [name for name in names if name in learned]
 
 
 def _accuracy(method, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
@@ -107,53 +104,45 @@ def feature_orthogonality(kernel: torch.Tensor, labels: torch.Tensor, rows: list
     }
 
 
-def retrieval_clusters(method, train_probe: list[tuple[torch.Tensor, torch.Tensor]], truncations: list[int]) -> dict:
-    """δ, κ and the threshold per cluster of each task's training probe, with the share of the cluster's
-    images whose retrieved task is their own (PROTEUS-style methods: `embed` and `signatures`)."""
+def retrieval_clusters(method, train_probe: list[tuple[torch.Tensor, torch.Tensor]], num_tasks: int) -> dict:
+    """δ, κ and the threshold of the retrieval bound per cluster of each task's training probe, against every
+    other task (`ntkcl.models.signatures.retrieval_bound`, the precursor's `theories.py`), with the share of
+    the cluster's images retrieved to their own task (PROTEUS: `embed`, `signatures`, `predict_with_task`)."""
+    from ntkcl.models.signatures import RawComponents, retrieval_bound
+
     count = len(method.signatures)
     tasks = list(range(count))
+    components = [RawComponents.of(signature) for signature in method.signatures]
+    configured = method.params.n_components  # τ_i: one truncation for every task, or one per task
+    truncations = [configured] * num_tasks if isinstance(configured, int) else list(configured)
+    epsilon = method.params.bound_epsilon
     clusters = []
     with torch.no_grad():
         for task, (images, _) in enumerate(train_probe):
             embedded = method.embed(images, tasks)  # (T, n, d)
             _, retrieved = method.predict_with_task(images)
-            own = method.signatures[task]
-            assignment = own.assign(embedded[task])
+            assignment = method.signatures[task].assign(embedded[task])
+            others = [i for i in tasks if i != task]
             for component in assignment.unique().tolist():
                 members = assignment == component
-                others = [i for i in tasks if i != task]
                 bound = retrieval_bound(
                     [embedded[i][members] for i in others],
-                    [method.signatures[i].means for i in others],
-                    [_full_covariances(method.signatures[i]) for i in others],
-                    _full_covariances(own)[component],
+                    [components[i] for i in others],
+                    float(components[task].log_dets[component]),
+                    num_tasks,
                     truncations,
+                    epsilon,
                 )
                 clusters.append(
                     {
                         "task": task,
                         "cluster": int(component),
                         "images": int(members.sum()),
-                        **bound.as_dict(),
+                        **bound.as_record(),
                         "retrieval_accuracy": 100.0 * float((retrieved[members] == task).float().mean()),
                     }
                 )
-    return {"clusters": clusters, "truncations": truncations}
-
-
-def _full_covariances(signature) -> torch.Tensor:
-    covariances = signature.covariances
-    return covariances if covariances.dim() == 3 else torch.diag_embed(covariances)
-
-
-def _truncations(method, count: int) -> list[int]:
-    """τ_i of every task: the configured truncation where the method has one, else the stored components."""
-    configured = getattr(method.params, "n_components", None)
-    if isinstance(configured, int):
-        return [configured] * count
-    if isinstance(configured, list):
-        return list(configured[:count])
-    return [signature.num_components for signature in method.signatures]
+    return {"clusters": clusters, "truncations": truncations, "epsilon": epsilon}
 
 
 def diagnose_run(
@@ -253,11 +242,16 @@ def diagnose_run(
         method.load_learned_state(state, stream.tasks()[: index + 1])
         method.to(ctx.device).eval()
         present = [name for name in names if name in dict(method.named_parameters())]
-        images = torch.cat([images for images, _ in test_probe[: index + 1]])
         labels = torch.cat([labels for _, labels in test_probe[: index + 1]]).cpu()
         rows = _task_rows([len(labels_) for _, labels_ in test_probe[: index + 1]])
         kernel_started = time.perf_counter()
-        features = kernels.tangent_features(method, present, images, projection, batch_size)
+        # Task by task, so that no Jacobian batch mixes tasks (a method may retrieve one task per batch).
+        features = torch.cat(
+            [
+                kernels.tangent_features(method, present, images, projection, batch_size)
+                for images, _ in test_probe[: index + 1]
+            ]
+        )
         kernel_seconds = time.perf_counter() - kernel_started
         if not bool(features.abs().sum() > 0):
             raise BadInputError(
@@ -285,7 +279,7 @@ def diagnose_run(
                 "drift_from_previous": drift,
                 "previous_task": previous_index,
                 "kernel_seconds": kernel_seconds,
-                "seconds_per_probe_image": kernel_seconds / len(images),
+                "seconds_per_probe_image": kernel_seconds / len(labels),
                 "seconds": time.perf_counter() - started,
             }
         )
@@ -328,7 +322,7 @@ def diagnose_run(
         "generalisation_gap": gaps,
     }
     if hasattr(method, "signatures") and hasattr(method, "embed"):
-        document["retrieval"] = retrieval_clusters(method, train_probe, _truncations(method, last + 1))
+        document["retrieval"] = retrieval_clusters(method, train_probe, stream.num_tasks)
         with torch.no_grad():
             document["retrieval"]["test_retrieval_accuracy"] = [
                 100.0 * float((method.predict_with_task(images)[1] == task).float().mean())
