@@ -22,10 +22,10 @@ from pathlib import Path
 
 from ntkcl._entry_points import DATASETS_GROUP, METHODS_GROUP, STREAMS_GROUP, entry_point_names
 from ntkcl.engine import rundir
-from ntkcl.engine.groups import Group, is_group, mean_sd, member_name
+from ntkcl.engine.groups import Group, is_group, member_name
 from ntkcl.errors import BadInputError
 from ntkcl.files import atomic_write_text
-from ntkcl.results import PublishedResult, PublishedTable
+from ntkcl.results import PublishedResult, PublishedTable, compare_row
 
 JSON_FILE = "reproduce.json"
 MARKDOWN_FILE = "reproduce.md"
@@ -321,31 +321,12 @@ def compare(plan: Plan) -> list[dict]:
         members = [group.member(seed) for seed in run.seeds] if group else []
         metrics = [member.metrics() for member in members if member.finished]
         for row in run.rows:
-            measured = mean_sd([m.get(row.metric) for m in metrics])
-            difference = None if measured["mean"] is None else measured["mean"] - row.mean
+            record = compare_row(row, [m.get(row.metric) for m in metrics], len(run.seeds))
             if run.problem is not None:
-                verdict = run.outcome
-            elif not metrics:
-                verdict = "not run"
-            elif len(metrics) < len(run.seeds):
-                verdict = f"incomplete ({len(metrics)}/{len(run.seeds)} seeds)"
-            elif difference is None:
-                verdict = "metric undefined"
-            else:
-                verdict = "within" if abs(difference) <= row.tolerance else "outside"
-            records.append(
-                {
-                    **row.record(),
-                    "key": row.key,
-                    "run": run.run_id,
-                    "ntkcl_mean": measured["mean"],
-                    "ntkcl_sd": measured["sd"],
-                    "ntkcl_n": measured["n"],
-                    "difference": difference,
-                    "verdict": verdict,
-                    "run_dirs": [str(member.path) for member in members if member.finished],
-                }
-            )
+                record["verdict"] = run.outcome
+            record["run"] = run.run_id
+            record["run_dirs"] = [str(member.path) for member in members if member.finished]
+            records.append(record)
     return records
 
 

@@ -78,3 +78,45 @@ def train_seed_group(config, seeds: list[int], group_dir: Path, quiet: bool, jso
     title = f"{config.stream.dataset} / {config.method.name}: seeds {','.join(map(str, seeds))}, mean ± sample sd"
     print_group(result, title)
     _common.stdout.print(f"group folder: {group_dir}", highlight=False)
+
+
+def evaluate_group(path: Path, data_root: Path | None, quiet: bool, json_output: bool) -> None:
+    """Recompute every member with a finished task from its checkpoints; summarise the recomputed metrics."""
+    from ntkcl.engine import rundir
+    from ntkcl.engine.evaluate import evaluate_run
+    from ntkcl.engine.groups import GROUP_METRICS, Group, summarize
+    from ntkcl.engine.progress import Reporter
+
+    group = Group.load(path)
+    reporter = Reporter(enabled=not quiet)
+    members, recomputed, comparisons = {}, [], {}
+    for member in group.members:
+        if member.metrics() is None:
+            members[str(member.seed)] = None
+            continue
+        result = evaluate_run(member.path, data_root, reporter)
+        metrics = result["metrics"]
+        recomputed.append(metrics)
+        comparisons[str(member.seed)] = result["training_metrics"]
+        members[str(member.seed)] = {
+            "run_dir": str(member.path),
+            "finished": metrics["num_tasks"] == len(rundir.read_json(member.path / rundir.RUN_FILE)["task_sizes"]),
+            "num_tasks": metrics["num_tasks"],
+            **{key: metrics.get(key) for key in GROUP_METRICS},
+        }
+    if not recomputed:
+        raise BadInputError(f"group {path} has no member with a finished task yet")
+    result = {
+        "group": str(path),
+        "seeds": group.seeds,
+        "members": members,
+        "training_metrics": comparisons,
+        "summary": summarize(recomputed),
+    }
+    if json_output:
+        _common.emit(result)
+        return
+    print_group(result, f"{path.name}: recomputed from checkpoints, mean ± sample sd")
+    differing = [seed for seed, verdict in comparisons.items() if verdict == "different"]
+    if differing:
+        _common.stdout.print(f"seeds whose recomputed matrix DIFFERS from training: {', '.join(differing)}")

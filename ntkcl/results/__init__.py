@@ -242,3 +242,60 @@ def get_table(name: str, extra: Path | None = None) -> PublishedTable:
     if name not in tables:
         raise BadInputError(f"unknown table {name!r}; `ntkcl reproduce --list` shows them: {', '.join(tables)}")
     return tables[name]
+
+
+def compare_row(row: PublishedResult, values: list[float | None], expected: int) -> dict:
+    """Published row against ntkcl's per-seed values of its metric: mean ± sample sd, difference, verdict.
+
+    Args:
+        row: the published number.
+        values: the metric of each finished ntkcl run (None where a run does not define it).
+        expected: how many runs make a complete comparison (the seeds asked for).
+    """
+    defined = [float(value) for value in values if value is not None]
+    n = len(defined)
+    mean = sum(defined) / n if n else None
+    sd = (sum((value - mean) ** 2 for value in defined) / (n - 1)) ** 0.5 if n > 1 else None
+    difference = None if mean is None else mean - row.mean
+    if not values:
+        verdict = "not run"
+    elif len(values) < expected:
+        verdict = f"incomplete ({len(values)}/{expected} seeds)"
+    elif difference is None:
+        verdict = "metric undefined"
+    else:
+        verdict = "within" if abs(difference) <= row.tolerance else "outside"
+    return {
+        **row.record(),
+        "key": row.key,
+        "ntkcl_mean": mean,
+        "ntkcl_sd": sd,
+        "ntkcl_n": n,
+        "difference": difference,
+        "verdict": verdict,
+    }
+
+
+def matches_config(row: PublishedResult, config: dict) -> bool:
+    """Whether a run's saved config (config.json) is the row's configuration: method, stream, backbone and
+    every value the row's `set` assigns."""
+    from ntkcl.config import parse_assignments
+
+    if (config["method"]["name"], config["stream"]["dataset"], config["backbone"]["name"]) != (
+        row.method,
+        row.stream,
+        row.backbone,
+    ):
+        return False
+    assigned, _ = parse_assignments(list(row.set))
+
+    def contained(wanted: dict, actual: dict) -> bool:
+        for key, value in wanted.items():
+            if isinstance(value, dict):
+                if not isinstance(actual.get(key), dict) or not contained(value, actual[key]):
+                    return False
+            elif actual.get(key) != value:
+                return False
+        return True
+
+    return contained(assigned, config)
