@@ -44,6 +44,7 @@ def group_runs(tmp_path_factory):
         calls["first_checkpoint_mtime"] = first_checkpoint.stat().st_mtime_ns
         calls["continued"] = run_cli(*command)
         calls["repeated"] = run_cli(*command)
+        calls["resumed"] = run_cli("train", "--resume", root / "g", "-q", "--json")
         calls["eval"] = run_cli("eval", root / "g", "-q", "--json")
     return root / "g", calls
 
@@ -91,6 +92,9 @@ def test_second_call_runs_nothing(group_runs):
     repeated = calls["repeated"]
     assert repeated.code == 0, repeated.err
     assert [run["trained"] for run in repeated.json()["runs"]] == [False, False, False]
+    resumed = calls["resumed"]  # `--resume GROUP` continues every member: here, none is left
+    assert resumed.code == 0, resumed.err
+    assert [run["before"] for run in resumed.json()["runs"]] == ["finished"] * 3
 
 
 def test_group_mean_and_sd_by_hand(group_runs):

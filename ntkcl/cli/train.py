@@ -263,10 +263,13 @@ def train(
 def _resume_group(path: Path, flags: dict, processes: dict, quiet: bool, json_output: bool) -> None:
     """`--resume GROUP`: continue every member of the group with its saved configuration."""
     from ntkcl.cli._seed_groups import train_seed_group
+    from ntkcl.engine.builders import complete_config
     from ntkcl.engine.groups import Group
 
     group = Group.load(path)
-    config = validate(deep_merge(group.configuration, deep_merge(_flag_overrides(**flags), {"runtime": processes})))
+    overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
+    # Completed like a new configuration: the placement fields the group file leaves out get this host's values.
+    config = complete_config(validate(deep_merge(group.configuration, overrides)))
     train_seed_group(config, group.seeds, path, quiet, json_output)
 
 

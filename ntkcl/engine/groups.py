@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ntkcl import __version__
-from ntkcl.config import RunConfig, save_config, validate
+from ntkcl.config import MAX_INTEGER, RunConfig, save_config, validate
 from ntkcl.engine import rundir
 from ntkcl.errors import BadInputError
 
 GROUP_FILE = "group.json"
 MEMBER_PREFIX = "seed-"
 GROUP_FORMAT = 1
+# A span like 0-99999999 is a typo, not an experiment.
+MAX_MEMBERS = 1000
 # Fields that differ between members (the seeds) or only say where and how fast a member runs: a group
 # continued on another machine, with more workers or more GPUs, is still the same experiment.
 PER_SEED_FIELDS = (("runtime", "seed"), ("stream", "class_order_seed"))
@@ -78,6 +80,10 @@ def parse_seeds(text: str) -> list[int]:
             seeds.update(range(int(span[1]), int(span[2]) + 1))
         else:
             raise BadInputError(f"--seeds expects seeds like 0,1,2 or 0-4, got {text!r}")
+    if max(seeds) > MAX_INTEGER:
+        raise BadInputError(f"--seeds: a seed must be at most {MAX_INTEGER}, got {max(seeds)}")
+    if len(seeds) > MAX_MEMBERS:
+        raise BadInputError(f"--seeds: at most {MAX_MEMBERS} seeds in one group, got {len(seeds)}")
     return sorted(seeds)
 
 
