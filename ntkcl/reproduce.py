@@ -380,8 +380,9 @@ def _markdown(plan: Plan, records: list[dict]) -> str:
     lines += ["| " + " | ".join(cells) + " |" for cells in comparison_lines(records)]
     lines += ["", "## Runs", ""]
     for run in plan.runs:
-        members = ", ".join(f"{member_name(seed)} {state}" for seed, state in run.member_states.items()) or "-"
-        lines.append(f"* `{run.group_dir}`: {run.outcome}; {members}" + (f"; {run.problem}" if run.problem else ""))
+        details = [f"{member_name(seed)} {state}" for seed, state in run.member_states.items()]
+        details += [run.problem] if run.problem else []
+        lines.append(f"* `{run.group_dir}`: {'; '.join([run.outcome, *details])}")
         if run.runnable:
             lines.append(f"  `{run.command()}`")
     lines += ["", "## Sources", ""]
