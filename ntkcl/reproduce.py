@@ -280,10 +280,11 @@ def make_plan(
             run.problem, run.outcome = f"stream {stream} is not in this ntkcl (see `ntkcl datasets`)", "stream missing"
             continue
         run.datasets = dataset_needs(stream, data_root or default_data_root(), data_root is not None)
-        if run.data_ready:  # a composite stream's configuration is only complete once its members are prepared
-            try:
-                run.config = _resolve(run, data_root, gpus)
-            except BadInputError as error:
+        try:
+            run.config = _resolve(run, data_root, gpus)
+        except BadInputError as error:
+            # A composite stream's configuration is only complete once its members are prepared: then wait.
+            if run.data_ready:
                 run.problem, run.outcome = f"configuration refused: {error}", "configuration refused"
                 continue
         group = Group.load(run.group_dir) if is_group(run.group_dir) else None
@@ -302,7 +303,7 @@ def execute(plan: Plan, reporter) -> None:
     for run in plan.runs:
         if not run.runnable:
             continue
-        if run.config is None:
+        if not run.data_ready:
             waiting = ", ".join(need.name for need in run.datasets if not need.ready)
             run.outcome = f"not run: prepare {waiting} first"
             continue
