@@ -71,14 +71,12 @@ class CODAPrompt(PromptMethod):
         check_blocks(backbone, "blocks", params.blocks)
         dim = backbone.embed_dim
         self.pools = nn.ModuleDict({str(block): ComponentPool(params.length, dim, dim) for block in params.blocks})
+        # ⌊pool_size / tasks⌋: known from the stream, or from the shapes of a saved state
+        self.components_per_task: int | None = None
 
     @property
     def prompted_blocks(self) -> list[int]:
         return list(self.params.blocks)
-
-    @property
-    def components_per_task(self) -> int:
-        return self.params.pool_size // max(len(self.stream_tasks), 1)
 
     def begin_stream(self, tasks: Sequence[TaskInfo]) -> None:
         super().begin_stream(tasks)
@@ -87,6 +85,7 @@ class CODAPrompt(PromptMethod):
                 f"coda-prompt gives each task pool_size // tasks components: method.params.pool_size="
                 f"{self.params.pool_size} is less than the stream's {len(tasks)} tasks"
             )
+        self.components_per_task = self.params.pool_size // len(tasks)
         used = self.components_per_task * len(tasks)
         if used > self.backbone.embed_dim:
             raise BadInputError(
@@ -94,7 +93,15 @@ class CODAPrompt(PromptMethod):
                 f"orthogonal in {self.backbone.name}'s {self.backbone.embed_dim} dimensions"
             )
 
+    def load_learned_state(self, state: dict[str, torch.Tensor], finished: Sequence[TaskInfo]) -> None:
+        first_keys = next((value for key, value in state.items() if key.endswith(".keys.0")), None)
+        if first_keys is not None:
+            self.components_per_task = first_keys.shape[0]
+        super().load_learned_state(state, finished)
+
     def begin_task(self, task: TaskInfo) -> None:
+        if self.components_per_task is None:
+            raise RuntimeError("coda-prompt needs the stream's tasks (begin_stream) before its first task")
         super().begin_task(task)
         for pool in self.pools.values():
             pool.grow(self.components_per_task, self.device)
