@@ -143,6 +143,16 @@ def train(
     seed: int | None = typer.Option(
         None, "--seed", metavar="SEED", help="Training seed (separate from the class order)."
     ),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        metavar="0,1,2|0-4",
+        help="Train once per seed into the group folder OUT/GROUP/seed-K/; seed K is the training seed and the "
+        "class order seed. Finished members are skipped, started ones resumed.",
+    ),
+    group: str | None = typer.Option(
+        None, "--group", metavar="NAME", help="Group folder name under --out for --seeds (default STREAM-METHOD)."
+    ),
     device: str | None = _common.device_option(None, "Where to train (auto: a GPU when one is visible)."),
     precision: Precision | None = typer.Option(None, "--precision", help="auto: bf16 autocast on GPU, fp32 on CPU."),
     num_workers: int | None = typer.Option(
@@ -204,6 +214,12 @@ def train(
     from ntkcl.presets import config_layers, merge_layers, resumed_layers, value_sources
 
     processes = _process_overrides(gpus, nproc)
+    if seeds is not None and (seed is not None or class_order_seed is not None):
+        raise BadInputError(
+            "--seeds sets the training and class-order seeds of each member; drop --seed/--class-order-seed"
+        )
+    if group is not None and seeds is None:
+        raise BadInputError("--group names the folder of a seed group; give --seeds too")
     flags = {
         "stream": stream,
         "method": method,
@@ -230,14 +246,20 @@ def train(
     run_dir = None
     if resume is not None:
         from ntkcl.engine import rundir
+        from ntkcl.engine.groups import is_group
 
-        run_dir = rundir.check_run_dir(resume, started=False)
+        if seeds is not None:
+            raise BadInputError("--resume continues one run or group; to add seeds, repeat the --seeds command")
         fixed = [name for name, value in flags.items() if value is not None and name not in RESUME_FLAGS]
         if fixed or config_file is not None or assignments or unset:
             raise BadInputError(
                 "--resume continues a run with its saved config; only --device, --num-workers, --data-root, "
                 "--gpus and --nproc may change"
             )
+        if is_group(resume):
+            _resume_group(resume, overrides, quiet, json_output)
+            return
+        run_dir = rundir.check_run_dir(resume, started=False)
     # Warnings (a dropped preset value) wait until every check has passed, the backbone's weights included,
     # so bad input stays one line.
     with _common.warnings_after_checks() as held:
@@ -251,6 +273,15 @@ def train(
             config = complete_config(merge_layers(layers))
         if print_config:
             _print_config(value_sources(layers, config))
+            return
+        if seeds is not None:
+            from ntkcl.cli._seed_groups import check_group_name, default_group_name, train_seed_group
+            from ntkcl.engine.groups import parse_seeds
+
+            name = check_group_name(group) if group is not None else default_group_name(config)
+            member_seeds = parse_seeds(seeds)
+            held.release()
+            train_seed_group(config, member_seeds, out / name, quiet, json_output)
             return
         from ntkcl.engine.launch import launch
         from ntkcl.engine.progress import Reporter
@@ -290,6 +321,20 @@ def _print_config(sources: dict[str, tuple[object, str]]) -> None:
     width = max(len(key) for key in sources)
     for key, (value, source) in sources.items():
         _common.stdout.print(f"{key:<{width}} = {json.dumps(value)}  ({source})", markup=False, highlight=False)
+
+
+def _resume_group(path: Path, overrides: dict, quiet: bool, json_output: bool) -> None:
+    """`--resume GROUP`: continue every member of the group with its saved configuration."""
+    from ntkcl.cli._seed_groups import train_seed_group
+    from ntkcl.engine.builders import complete_config
+    from ntkcl.engine.groups import Group
+    from ntkcl.presets import Layer, merge_layers
+
+    group = Group.load(path)
+    layers = [Layer(f"seed group ({path})", group.configuration), Layer("flags", overrides)]
+    # Completed like a new configuration: the placement fields the group file leaves out get this host's values.
+    config = complete_config(merge_layers(layers))
+    train_seed_group(config, group.seeds, path, quiet, json_output)
 
 
 def register(app: typer.Typer) -> None:

@@ -363,6 +363,5 @@ class CLLoRA(ContinualMethod):
             total += size
         return sizes
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.prototypes.per_task(self.stored_task_features(images), self._finished_sizes())

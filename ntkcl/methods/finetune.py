@@ -56,6 +56,5 @@ class Finetune(ContinualMethod):
         accuracy = batch_accuracy(logits, labels)
         return StepOutput(loss, {"loss": loss.detach(), "train_acc": accuracy.detach()})
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self._logits(images)
