@@ -104,11 +104,17 @@ class Samples:
         return cls(labels, paths=paths if has_paths else None, arrays=arrays, class_names=names)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
+        """Images `indices` in that order; all of them in order keeps the arrays as they are (a memory map
+        of a large dataset stays one, not a copy in memory)."""
         indices = np.asarray(indices, dtype=np.int64)
+        everything = len(indices) == len(self) and bool((indices == np.arange(len(self))).all())
+        arrays = None
+        if self.arrays is not None:
+            arrays = self.arrays if everything else self.arrays[indices]
         return Samples(
             labels=self.labels[indices],
             paths=[self.paths[i] for i in indices] if self.paths is not None else None,
-            arrays=self.arrays[indices] if self.arrays is not None else None,
+            arrays=arrays,
             class_names=self.class_names,
         )
 
