@@ -17,7 +17,10 @@ uniform scale and log-uniform ratio, then the centre-crop fallback), vectorised 
 
 The training transform of both feeds takes its crop and flip from `random_draws` of one generator per
 image seeded with that image's augmentation seed: `PerImageRandomResizedCrop` on a PIL image (the loader
-feed) and `seeded_draws` for a batch (the device feed) give the same crops, hence bit-identical pixels.
+feed) and `seeded_draws` for a batch (the device feed) give the same crops, hence bit-identical pixels. The
+per-image one runs Pillow's horizontal and vertical passes one after the other, as the batched one does:
+a single 2-D Pillow resize (Pillow 13) does the vertical pass first for some crops that shrink vertically and
+stretch horizontally, which rounds differently (by one grey level on some pixels).
 """
 
 from __future__ import annotations
@@ -273,10 +276,12 @@ class PerImageRandomResizedCrop:
         sizes = torch.tensor([[image.height, image.width]])
         draws = random_draws(1, torch.random.default_generator)
         top, left, height, width = random_resized_crop_plan(sizes, draws)[0].tolist()
-        crop = TF.resized_crop(
-            image, top, left, height, width, [self.size, self.size], TF.InterpolationMode.BILINEAR, antialias=True
-        )
-        return TF.to_tensor(TF.hflip(crop) if draws[0, -1] < 0.5 else crop)
+        crop = image.crop((left, top, left + width, top + height))
+        # Pillow's two passes one at a time, horizontal first: recent Pillow picks the order of a 2-D resize
+        # itself (vertical first for some crops), which rounds differently from the batched passes
+        wide = crop.resize((self.size, height), Image.Resampling.BILINEAR)
+        resized = wide.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return TF.to_tensor(TF.hflip(resized) if draws[0, -1] < 0.5 else resized)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size})"
