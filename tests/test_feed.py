@@ -5,6 +5,7 @@ larger than a memory cap trained without being loaded whole."""
 import json
 import resource
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,7 +201,7 @@ def test_device_feed_gives_the_loader_feeds_run_on_jpeg_files(plugins_site, tmp_
 
 def data_segment_bytes() -> int:
     """This process's data segment (what RLIMIT_DATA caps: private writable memory, not file maps)."""
-    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return int(status["VmData"].split()[0]) * 1024
 
 
