@@ -1,6 +1,7 @@
 """A split decoded once into uint8 RGB pixels, for the batched transforms of `ntkcl.data.batched_transforms`.
 
-Array datasets (CIFAR-100, digits, synthetic) are used as they are, in memory. File datasets are decoded
+Array datasets (CIFAR-100, digits, synthetic) are used as they are, a memory map included (grey ones are
+expanded to RGB per batch). File datasets are decoded
 once into `<dataset>/decoded-<S>/<split>.u8`, a flat uint8 file read through a memory map, with each
 image's shape and offset beside it; a `complete` marker written last makes it usable, and the list of files
 it was made from is fingerprinted, so another selection of files is decoded again.
