@@ -233,6 +233,7 @@ class Trainer:
             # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
             with autocast_for(ctx.device, config.runtime.precision):
                 self.method.prepare_task(task, TaskImages(self.scoring, task))
+        trainable = sum(parameter.numel() for parameter in self.method.parameters() if parameter.requires_grad)
         epochs = self._train(task, snapshot, clock)
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
         self.method.eval()
@@ -241,7 +242,13 @@ class Trainer:
         with clock.phase("evaluation"):
             scores = evaluate(self.method, self.scoring, task)
         seconds = time.perf_counter() - started
-        record = {"task": task.index, "counts": scores.counts, "epochs": epochs, "seconds": seconds}
+        record = {
+            "task": task.index,
+            "counts": scores.counts,
+            "epochs": epochs,
+            "seconds": seconds,
+            "trainable_parameters": trainable,
+        }
         if scores.retrieval is not None:
             record["retrieval"] = scores.retrieval
         if diagnostics:
