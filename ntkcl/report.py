@@ -13,6 +13,9 @@ into the output folder:
     forgetting.png                  forgetting of each task after the last one (max earlier accuracy - final),
                                     one bar per run or group (mean ± sd) and task
     accuracy_matrix-<run>.png       heatmap of R[t][i] for each run (a group's: the mean over its members)
+    phase_times-<run>.png           where each task's wall time went (data wait, forward+backward, optimizer,
+                                    statistics, evaluation, checkpoints, compilation, ...), a stacked bar per
+                                    task, for runs whose log.jsonl records phase times
 
 Legends read `method / stream` (with the backbone or folder name added only where two entries share them).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -328,6 +332,45 @@ def draw_forgetting(runs: list, path: Path) -> None:
     figure.savefig(path)
 
 
+def phase_times_file(run: RunSummary) -> str:
+    return f"phase_times-{run.name}.png"
+
+
+def task_phase_times(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+    """(task, seconds per phase) of each finished task from log.jsonl's `task_end` records (the last one of
+    a task that was logged again after a resume); empty for runs written before phases were recorded."""
+    log = run_dir / rundir.LOG_FILE
+    if not log.is_file():
+        return []
+    latest: dict[int, dict[str, float]] = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("event") == "task_end" and isinstance(record.get("phases"), dict):
+            latest[int(record["task"])] = {key: float(value) for key, value in record["phases"].items()}
+    return sorted(latest.items())
+
+
+def draw_phase_times(run: RunSummary, tasks: list[tuple[int, dict[str, float]]], path: Path) -> None:
+    """A stacked bar of seconds per phase for each task of `run`."""
+    figure = _pyplot_free_figure(max(5.0, 0.45 * len(tasks) + 3.5), 4.2)
+    axes = figure.subplots()
+    names = list(dict.fromkeys(name for _, phases in tasks for name in phases))
+    bottom = np.zeros(len(tasks))
+    positions = [task for task, _ in tasks]
+    for name in names:
+        seconds = np.array([phases.get(name, 0.0) for _, phases in tasks])
+        if seconds.any():
+            axes.bar(positions, seconds, bottom=bottom, label=name.replace("_", " "))
+            bottom += seconds
+    axes.set_xticks(positions, [f"T{task}" for task in positions])
+    axes.set_xlabel("task")
+    axes.set_ylabel("seconds")
+    axes.set_title(f"{run.method} on {run.stream}: time per phase", fontsize=10)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.savefig(path)
+
+
 def _percent(value: float | dict | None) -> str:
     """A number, or a {"mean", "sd", "n"} as `mean ± sd`."""
     if isinstance(value, dict):
@@ -453,6 +496,8 @@ def write_page(runs: list, out: Path, comparison: list[dict] | None = None) -> N
             _image(out / run.heatmap_file, f"accuracy matrix of {run.name}"),
             _matrix_table(run),
         ]
+        if task_phase_times(run.path):
+            sections.append(_image(out / phase_times_file(run), f"time per phase of each task of {run.name}"))
     diagnosed = [(run, document) for run in runs if (document := load_diagnostics(run)) is not None]
     if diagnosed:
         sections.append("<h2>Diagnostics</h2>")
@@ -482,8 +527,13 @@ def write_report(run_dirs: list[Path], out: Path, comparison: list[dict] | None 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise BadInputError(f"cannot create report folder {out}: {error.strerror or error}") from error
+    phase_files = []
     for run in runs:
         draw_heatmap(run, out / run.heatmap_file)
+        tasks = task_phase_times(run.path)
+        if tasks:
+            draw_phase_times(run, tasks, out / phase_times_file(run))
+            phase_files.append(phase_times_file(run))
     draw_all_seen(runs, out / ALL_SEEN_FILE)
     draw_forgetting(runs, out / FORGETTING_FILE)
     diagnostic_files = []
@@ -492,7 +542,14 @@ def write_report(run_dirs: list[Path], out: Path, comparison: list[dict] | None 
         if document is not None:
             diagnostic_files += draw_diagnostics(run, document, out)
     write_page(runs, out, comparison)
-    files = [INDEX_FILE, ALL_SEEN_FILE, FORGETTING_FILE, *(run.heatmap_file for run in runs), *diagnostic_files]
+    files = [
+        INDEX_FILE,
+        ALL_SEEN_FILE,
+        FORGETTING_FILE,
+        *(run.heatmap_file for run in runs),
+        *phase_files,
+        *diagnostic_files,
+    ]
     return {
         "out": str(out),
         "files": [str(out / name) for name in files],

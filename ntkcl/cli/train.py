@@ -8,12 +8,12 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import Precision, Scenario, deep_merge
+from ntkcl.config import Feed, Precision, Scenario, deep_merge
 from ntkcl.errors import BadInputError
 
 # The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
 # A resumed run keeps its saved config except where it runs: these may change on `--resume`.
-RESUME_FLAGS = ("device", "num_workers", "data_root")
+RESUME_FLAGS = ("device", "num_workers", "data_root", "feed")
 FLAG_FIELDS = {
     "stream": ("stream", "dataset"),
     "method": ("method", "name"),
@@ -34,6 +34,7 @@ FLAG_FIELDS = {
     "precision": ("runtime", "precision"),
     "num_workers": ("runtime", "num_workers"),
     "compile": ("runtime", "compile"),
+    "feed": ("data", "feed"),
     "log": ("runtime", "log"),
 }
 
@@ -163,6 +164,11 @@ def train(
         "--compile/--no-compile",
         help="torch.compile the method's backbone passes (default auto: on CUDA for long runs; see README).",
     ),
+    feed: Feed | None = typer.Option(
+        None,
+        "--feed",
+        help="auto, loader (per-image DataLoader) or device (decode once, batched transforms on the device).",
+    ),
     gpus: str | None = typer.Option(
         None,
         "--gpus",
@@ -241,6 +247,7 @@ def train(
         "num_workers": num_workers,
         "compile": None if compile_passes is None else ("on" if compile_passes else "off"),
         "log": log or None,
+        "feed": feed,
     }
     overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
     run_dir = None
@@ -254,7 +261,7 @@ def train(
         if fixed or config_file is not None or assignments or unset:
             raise BadInputError(
                 "--resume continues a run with its saved config; only --device, --num-workers, --data-root, "
-                "--gpus and --nproc may change"
+                "--feed, --gpus and --nproc may change"
             )
         if is_group(resume):
             _resume_group(resume, overrides, quiet, json_output)

@@ -22,6 +22,7 @@ from ntkcl.data.loaders import ImageDataset, Samples, ShardSampler
 from ntkcl.data.scenarios import TASK_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.engine.distributed import DistributedContext
+from ntkcl.engine.feed import DeviceFeed
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.progress import Reporter
 from ntkcl.methods.base import ContinualMethod, TaskInfo
@@ -37,7 +38,8 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 @dataclass(frozen=True)
 class ScoringLoader:
-    """How evaluation and end-of-task statistics read a stream: test transform, batches, workers, precision.
+    """How evaluation and end-of-task statistics read a stream: test transform, batches, workers, precision,
+    and the device feed when the run uses it (`ntkcl.engine.feed`; the same shards, the same pixels).
 
     Each process reads its own shard without padding, so sums over processes count every image once.
     """
@@ -48,6 +50,7 @@ class ScoringLoader:
     batch_size: int
     num_workers: int
     precision: str = "auto"
+    feed: DeviceFeed | None = None
     progress: Reporter | None = None  # shows a bar while a split is read (on a terminal)
 
     @classmethod
@@ -57,17 +60,20 @@ class ScoringLoader:
         stream: Stream,
         transform: Callable,
         ctx: DistributedContext,
+        feed: DeviceFeed | None = None,
         progress: Reporter | None = None,
     ) -> ScoringLoader:
         """The run configuration's evaluation batch size, workers and precision."""
         runtime = config.runtime
-        return cls(
-            stream, transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision, progress
-        )
+        batch_size = config.optim.eval_batch_size
+        return cls(stream, transform, ctx, batch_size, runtime.num_workers, runtime.precision, feed, progress)
 
     def batches(self, images: Samples, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's shard of `images[indices]`, on its device."""
         device = self.ctx.device
+        if self.feed is not None and self.feed.serves(images):
+            yield from self.feed.scoring_batches(images, indices, self.ctx.rank, self.ctx.world_size, self.batch_size)
+            return
         loader = DataLoader(
             Subset(ImageDataset(images, self.transform), indices.tolist()),
             batch_size=self.batch_size,
@@ -75,6 +81,7 @@ class ScoringLoader:
             num_workers=self.num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
+            generator=torch.Generator(),  # its workers' base seed must not move the global generator
         )
         bar = self.progress.bar("scoring", len(loader)) if self.progress else contextlib.nullcontext(lambda: None)
         with bar as advance:
@@ -218,7 +225,7 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_run_transforms(config, backbone)
-    scoring = ScoringLoader.for_run(config, stream, test_transform, ctx, reporter)
+    scoring = ScoringLoader.for_run(config, stream, test_transform, ctx, progress=reporter)
 
     def fresh_method() -> ContinualMethod:
         method = build_method(config, backbone)

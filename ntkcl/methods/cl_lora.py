@@ -183,6 +183,8 @@ class CLLoRA(ContinualMethod):
     name = "cl-lora"
     Params = CLLoRAParams
     transient = ("proxy_head", "teacher")
+    # Backbone passes whose adapters come in as arguments: the same graph for every task's adapters.
+    compile_targets = ("task_feature", "early_exit_feature")
     required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS, FUSED_QKV_ATTENTION)
     citation = (
         "@inproceedings{he2025cllora, title={Continual Low-Rank Adaptation for Rehearsal-Free Class-Incremental "
