@@ -18,7 +18,7 @@ from tests.test_cli_bad_input import assert_one_line_error
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Types typer prints when an option has no metavar: not what a user should type.
-TYPE_PLACEHOLDERS = re.compile(r"<(str|int|float|bool|path|list\[.*)>")
+TYPE_PLACEHOLDERS = re.compile(r"<(str|int|float|bool|path)( range)?>|<list\[")
 
 
 def _commands() -> list[str]:
