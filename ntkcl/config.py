@@ -407,4 +407,15 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 
 def load_config(path: Path) -> RunConfig:
-    return validate(json.loads(path.read_text(encoding="utf-8")))
+    """A saved config.json; BadInputError naming the file when it is unreadable, not JSON or invalid."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise BadInputError(f"{path} cannot be read: {reason}") from error
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    try:
+        return validate(data)
+    except BadInputError as error:
+        raise BadInputError(f"{path}: {error}") from error

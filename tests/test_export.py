@@ -29,6 +29,7 @@ from ntkcl.export import (
     task_infos,
 )
 from ntkcl.export.card import EVALUATED
+from ntkcl.files import FOLDER_MARKER
 from ntkcl.methods.registry import discover_methods
 from tests.test_cli_bad_input import assert_one_line_error
 
@@ -86,7 +87,7 @@ def test_folder_contents_and_config_schema(cli, run_of, tmp_path):
     run = run_of("finetune")
     folder = tmp_path / "export"
     assert cli("export", run, "--out", folder).code == 0
-    assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
 
     with safe_open(folder / WEIGHTS_NAME, "pt") as weights:
         assert weights.metadata() == {"format": "pt"}
@@ -170,7 +171,7 @@ def test_from_pretrained_and_save_pretrained_round_trip_bit_identical(cli, run_o
     assert isinstance(model, torch.nn.Module) and isinstance(model, ModelHubMixin)
     again = tmp_path / "again"
     model.save_pretrained(again)
-    assert sorted(p.name for p in again.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in again.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
     for name in EXPORT_FILES:
         assert (again / name).read_bytes() == (folder / name).read_bytes(), name
     images = torch.rand(4, 3, 32, 32)
@@ -263,5 +264,5 @@ def test_export_refuses_to_clobber_a_foreign_folder(cli, run_of, tmp_path):
     again = tmp_path / "again"
     assert cli("export", run_of("finetune"), "--out", again).code == 0
     assert cli("export", run_of("finetune"), "--out", again).code == 0
-    assert sorted(p.name for p in again.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in again.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
     assert_one_line_error(cli("export", run_of("finetune"), "--repo-id", "a/b"), "only apply with --hub")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ntkcl.data.manifest import Manifest, read_manifest, write_manifest
+from ntkcl.data.manifest import Manifest, read_manifest, staged_dataset_folder, write_manifest
 from ntkcl.data.plugin import DatasetPlugin
 from ntkcl.errors import BadInputError
 
@@ -88,23 +88,22 @@ class Synthetic(DatasetPlugin):
         if self.is_prepared(root) and not force:
             return read_manifest(folder)
         images, labels = self.generate()
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{ARRAY_FILE}.tmp.npz"
-        np.savez_compressed(temporary, images=images)
-        temporary.replace(folder / ARRAY_FILE)
         within_class = np.arange(len(labels)) % self.per_class
         is_test = within_class >= int(round(self.per_class * 0.8))
         rows = [(f"{ARRAY_FILE}#{i:06d}", labels[i]) for i in range(len(labels))]
-        return write_manifest(
-            folder,
-            self.name,
-            self.class_names,
-            {
-                "train": [row for row, test in zip(rows, is_test) if not test],
-                "test": [row for row, test in zip(rows, is_test) if test],
-            },
-            sources=[{"origin": "generated", "settings": self._settings(), "verified": "deterministic"}],
-        )
+        with staged_dataset_folder(folder) as stage:
+            np.savez_compressed(stage / ARRAY_FILE, images=images)
+            write_manifest(
+                stage,
+                self.name,
+                self.class_names,
+                {
+                    "train": [row for row, test in zip(rows, is_test) if not test],
+                    "test": [row for row, test in zip(rows, is_test) if test],
+                },
+                sources=[{"origin": "generated", "settings": self._settings(), "verified": "deterministic"}],
+            )
+        return read_manifest(folder)
 
 
 plugin = Synthetic()
