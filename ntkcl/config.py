@@ -16,11 +16,21 @@ import json
 import math
 import re
 import sys
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ntkcl.data.scenarios import SCENARIOS
 from ntkcl.errors import BadInputError
@@ -75,6 +85,16 @@ def out_of_range_number(value: Any, path: str = "") -> tuple[str, Any] | None:
     return None
 
 
+def _takes_numbers_only(annotation: Any) -> bool:
+    """Whether a field's type is int or float (or a union of them with None): no text or boolean means one."""
+    if get_origin(annotation) is Annotated:
+        return _takes_numbers_only(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        return bool(kinds) and all(_takes_numbers_only(kind) for kind in kinds)
+    return annotation in (int, float)
+
+
 class StrictModel(BaseModel):
     """Unknown keys are refused, and so are NaN, infinity and integers beyond 2**32 - 1 in any field.
 
@@ -83,6 +103,15 @@ class StrictModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number field takes numbers only: pydantic's lax mode would read `true`, `"2"` or YAML's `yes`."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and isinstance(value, (bool, str)) and _takes_numbers_only(field.annotation):
+            raise ValueError(f"must be a number, not the {type(value).__name__} {value!r}")
+        return value
 
     @field_validator("*")
     @classmethod

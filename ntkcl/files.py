@@ -30,6 +30,15 @@ TEMPORARY_MARK = ".tmp-"
 FOLDER_MARKER = ".ntkcl-folder.json"
 
 
+def expand_user(path: str | Path) -> Path:
+    """`path` with a leading `~` or `~user` expanded; BadInputError when that user has no home directory."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as error:
+        user = str(path).split("/", 1)[0]
+        raise BadInputError(f"{path}: cannot expand {user} (no such user or no home directory)") from error
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

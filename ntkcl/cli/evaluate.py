@@ -8,6 +8,7 @@ import typer
 
 from ntkcl.cli import _common
 from ntkcl.errors import BadInputError
+from ntkcl.files import expand_user
 
 
 def _print_export_result(result: dict) -> None:
@@ -57,7 +58,7 @@ def evaluate(
     from ntkcl.engine import rundir
     from ntkcl.export.constants import CONFIG_NAME as EXPORT_CONFIG
 
-    local = Path(path).expanduser()
+    local = expand_user(path)
     # A run folder stopped before run.json holds config.json alone; an export holds config.json beside its own.
     started_run = (local / rundir.RUN_FILE).is_file()
     if started_run or ((local / rundir.CONFIG_FILE).is_file() and not (local / EXPORT_CONFIG).is_file()):

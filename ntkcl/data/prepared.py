@@ -31,6 +31,7 @@ from ntkcl.data.manifest import Manifest, read_manifest, staged_dataset_folder, 
 from ntkcl.data.plugin import DatasetPlugin, RemoteFile, Samples
 from ntkcl.data.resize_cache import find_cache, write_resize_cache
 from ntkcl.errors import BadInputError
+from ntkcl.files import expand_user
 
 DOWNLOADS_DIR = ".downloads"
 
@@ -156,7 +157,7 @@ class PreparedDataset(DatasetPlugin):
                 inputs.archives[remote.name] = path
                 inputs.records.append(record)
             return inputs, directory
-        source = Path(source).expanduser()
+        source = expand_user(source)
         if source.is_file():
             return self._from_file(source), None
         if source.is_dir():

@@ -27,6 +27,7 @@ from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, LIBRARY_NAME, METRICS
 from ntkcl.export.document import read_export_config, run_config_of, task_infos
 from ntkcl.export.folder import write_export_files
 from ntkcl.export.hub import download_export, push_export
+from ntkcl.files import expand_user
 from ntkcl.methods.base import ContinualMethod
 
 
@@ -258,7 +259,7 @@ def locate_export(path_or_repo_id: str | Path, **download_options) -> Path:
         download_options: `hub.download_export`'s revision, token, cache_dir, force_download, local_files_only.
     """
     text = str(path_or_repo_id)
-    path = Path(text).expanduser()
+    path = expand_user(text)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise BadInputError(f"{path} is not an ntkcl run directory or export (no run.json / {CONFIG_NAME})")
