@@ -29,6 +29,7 @@ from ntkcl.export import (
     task_infos,
 )
 from ntkcl.export.card import EVALUATED
+from ntkcl.export.checksums import write_checksums
 from ntkcl.files import FOLDER_MARKER
 from ntkcl.methods.registry import discover_methods
 from tests.test_cli_bad_input import assert_one_line_error
@@ -213,10 +214,12 @@ def test_unfinished_run_exports_its_finished_tasks(cli, run_of, tmp_path):
 
 
 def _edit_config(folder, **changes):
+    """Change adapter_config.json and record its new sha256, so the content itself is what is checked."""
     path = folder / CONFIG_NAME
     document = json.loads(path.read_text())
     document.update(changes)
     path.write_text(json.dumps(document))
+    write_checksums(folder)
 
 
 def test_loading_bad_exports_is_one_line_exit_2(cli, run_of, tmp_path):
