@@ -120,23 +120,27 @@ def check_backbone(config: RunConfig) -> BackboneDescription:
     return description
 
 
-def device_memory(device: str) -> tuple[int, str]:
-    """(bytes, what they are) a run on `device` can use at most: the GPU's memory, else the host's."""
+def device_memory(device: str) -> tuple[int, str] | None:
+    """(bytes, what they are) a run on `device` can use at most: the GPU's memory, else the host's; None when
+    the device cannot be queried (the device checks that follow report why)."""
     import torch
 
     if device != "cpu" and torch.cuda.is_available():
         index = int(device.split(":")[1]) if ":" in device else 0
-        if index < torch.cuda.device_count():
+        try:
             return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+        except (RuntimeError, AssertionError, ValueError):
+            return None
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
 
 
 def check_memory(config: RunConfig, description) -> None:
     """Refuse a backbone that cannot fit: its parameters plus one batch's tokens (lower bounds, from the
     architecture built on the meta device; nothing is allocated) exceed the device's whole memory."""
-    if not description.parameter_bytes:
+    memory = device_memory(config.runtime.device)
+    if not description.parameter_bytes or memory is None:
         return
-    available, where = device_memory(config.runtime.device)
+    available, where = memory
     batch = max(config.optim.batch_size, config.optim.eval_batch_size)
     activations = description.activation_bytes_per_image * batch
     if description.parameter_bytes + activations > available:

@@ -105,12 +105,13 @@ def method_memory(config: RunConfig, stream: Stream) -> tuple[int, int] | None:
 def check_method_memory(config: RunConfig, stream: Stream) -> None:
     """Refuse hyper-parameters whose method parameters (with gradients and two optimizer moments for the
     trainable ones) exceed the device's whole memory, naming the method's parameters and the estimate."""
-    estimate = method_memory(config, stream)
+    memory = device_memory(config.runtime.device)
+    estimate = method_memory(config, stream) if memory is not None else None
     if estimate is None:
         return
     total, trainable = estimate
     needed = total + 3 * trainable
-    available, where = device_memory(config.runtime.device)
+    available, where = memory
     if needed > available:
         from ntkcl.methods.registry import get_method
 
