@@ -29,6 +29,8 @@ from ntkcl.export import (
     task_infos,
 )
 from ntkcl.export.card import EVALUATED, card_data
+from ntkcl.export.checksums import write_checksums
+from ntkcl.files import FOLDER_MARKER
 from ntkcl.methods.registry import discover_methods
 from tests.test_cli_bad_input import assert_one_line_error
 
@@ -86,7 +88,7 @@ def test_folder_contents_and_config_schema(cli, run_of, tmp_path):
     run = run_of("finetune")
     folder = tmp_path / "export"
     assert cli("export", run, "--out", folder).code == 0
-    assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
 
     with safe_open(folder / WEIGHTS_NAME, "pt") as weights:
         assert weights.metadata() == {"format": "pt"}
@@ -221,10 +223,12 @@ def test_unfinished_run_exports_its_finished_tasks(cli, run_of, tmp_path):
 
 
 def _edit_config(folder, **changes):
+    """Change adapter_config.json and record its new sha256, so the content itself is what is checked."""
     path = folder / CONFIG_NAME
     document = json.loads(path.read_text())
     document.update(changes)
     path.write_text(json.dumps(document))
+    write_checksums(folder)
 
 
 def test_loading_bad_exports_is_one_line_exit_2(cli, run_of, tmp_path):
@@ -272,5 +276,5 @@ def test_export_refuses_to_clobber_a_foreign_folder(cli, run_of, tmp_path):
     again = tmp_path / "again"
     assert cli("export", run_of("finetune"), "--out", again).code == 0
     assert cli("export", run_of("finetune"), "--out", again).code == 0
-    assert sorted(p.name for p in again.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in again.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
     assert_one_line_error(cli("export", run_of("finetune"), "--repo-id", "a/b"), "only apply with --hub")

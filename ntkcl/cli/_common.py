@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ntkcl._entry_points import DATASETS_GROUP, METHODS_GROUP, STREAMS_GROUP, entry_point_names
+from ntkcl.files import expand_user
 
 STATE: dict[str, Any] = {"json": False}
 
@@ -25,7 +26,7 @@ def non_empty_path(value: str | Path) -> Path:
         return value
     if not value.strip():
         raise typer.BadParameter("must not be empty")
-    return Path(value).expanduser()
+    return expand_user(value)
 
 
 def complete_datasets(incomplete: str) -> list[str]:

@@ -8,6 +8,7 @@ import typer
 
 from ntkcl.cli import _common
 from ntkcl.errors import BadInputError
+from ntkcl.files import expand_user
 
 
 def _print_export_result(result: dict) -> None:
@@ -66,7 +67,7 @@ def evaluate(
     from ntkcl.engine import rundir
     from ntkcl.export.constants import CONFIG_NAME as EXPORT_CONFIG
 
-    local = Path(path).expanduser()
+    local = expand_user(path)
     from ntkcl.engine.groups import is_group
 
     if is_group(local):

@@ -43,10 +43,11 @@ def prepare(
     _common.set_json(json_output)
     from ntkcl.data.extract import disk_errors
     from ntkcl.data.prepared import PreparedDataset
-    from ntkcl.data.registry import default_data_root, get_dataset
+    from ntkcl.data.registry import check_data_root, default_data_root, get_dataset
 
     plugin = get_dataset(name)
     root = data_root or default_data_root()
+    check_data_root(root)
     already = plugin.is_prepared(root) and not force
     options = {}
     if isinstance(plugin, PreparedDataset):

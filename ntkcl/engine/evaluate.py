@@ -204,25 +204,27 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     """
     from pathlib import Path
 
-    from ntkcl.config import load_config
     from ntkcl.engine import rundir
     from ntkcl.engine.builders import build_backbone, build_method, build_run_transforms, build_stream
     from ntkcl.engine.distributed import init_distributed
     from ntkcl.engine.metrics import retrieval_summary
+    from ntkcl.engine.run_reader import read_run_folder
     from ntkcl.errors import BadInputError
 
-    run_dir = rundir.check_run_dir(Path(run_dir))
-    config = load_config(run_dir / rundir.CONFIG_FILE)
+    run = read_run_folder(Path(run_dir))
+    if reporter is not None:
+        for note in run.notes:
+            reporter.message(note)
+    config = run.config
     if data_root is not None:
         config.stream.data_root = data_root
-    checkpoints = rundir.finished_checkpoints(run_dir)
+    checkpoints = run.checkpoints
     if not checkpoints:
-        raise BadInputError(f"{run_dir} has no finished task to evaluate")
+        raise BadInputError(f"{run.path} has no finished task to evaluate")
     ctx = init_distributed(config.runtime.device)
     stream, _ = build_stream(config, ctx)
     backbone = build_backbone(config).to(ctx.device)
-    saved = rundir.read_json(run_dir / rundir.RUN_FILE)
-    if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
+    if run.record["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_run_transforms(config, backbone)
     scoring = ScoringLoader.for_run(config, stream, test_transform, ctx, progress=reporter)
@@ -238,9 +240,12 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
         zero_shot = evaluate(initial.to(ctx.device), scoring, None).counts
     scores = []
     for index, checkpoint in enumerate(checkpoints):
-        state, _ = rundir.load_checkpoint(checkpoint)  # older checkpoints have no training-only state: not needed
+        state = run.load_state(index, training=False)  # only the last one keeps its training-only part
         method = fresh_method()
-        method.load_learned_state(state, stream.tasks()[: index + 1])
+        try:
+            method.load_learned_state(state, stream.tasks()[: index + 1])
+        except BadInputError as error:
+            raise run.damaged(checkpoint / rundir.STATE_FILE, str(error), index) from error
         method.to(ctx.device)
         scores.append(evaluate(method, scoring, stream.task(index)))
         if reporter is not None:
@@ -249,12 +254,11 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     metrics = matrix.summary()
     if scores[0].retrieval is not None:
         metrics["task_retrieval"] = retrieval_summary(AccuracyMatrix.from_rows([score.retrieval for score in scores]))
-    reported = rundir.read_json(run_dir / rundir.METRICS_FILE) if (run_dir / rundir.METRICS_FILE).is_file() else {}
-    comparison = compare_with_training(reported, matrix)
-    if comparison == "identical" and reported.get("task_retrieval") != metrics.get("task_retrieval"):
+    comparison = compare_with_training(run.metrics, matrix)
+    if comparison == "identical" and run.metrics.get("task_retrieval") != metrics.get("task_retrieval"):
         comparison = "different"
     return {
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
         "finished": len(checkpoints) == stream.num_tasks,
         "metrics": metrics,
         "training_metrics": comparison,

@@ -38,6 +38,7 @@ from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.phases import PhaseClock
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
+from ntkcl.engine.run_reader import read_run_folder
 from ntkcl.engine.seeding import derived_seed, seed_everything
 from ntkcl.engine.tracking import Tracking
 from ntkcl.engine.training import TaskTraining, per_process_batch
@@ -131,24 +132,26 @@ class Trainer:
         return sum(optim.epochs * (count // optim.batch_size) for count in images)
 
     def _restore(self) -> list[dict]:
-        """Load the last finished checkpoint; return the task records of the finished tasks."""
-        checkpoints = rundir.finished_checkpoints(self.run_dir)
-        expected = [rundir.checkpoint_dir(self.run_dir, i).name for i in range(len(checkpoints))]
-        if [p.name for p in checkpoints] != expected:
-            raise BadInputError(f"{self.run_dir} has non-contiguous checkpoints {[p.name for p in checkpoints]}")
-        if not checkpoints:
+        """Load the last finished checkpoint of the validated run folder; return the finished tasks' records."""
+        run = read_run_folder(self.run_dir, started=False)
+        for note in run.notes:
+            self.reporter.message(note)
+        if not run.checkpoints:
             return []
-        saved = rundir.read_json(self.run_dir / rundir.RUN_FILE)
+        saved = run.record
         if saved["backbone"]["weights_sha256"] != self.backbone.weights_sha256:
             raise BadInputError("the backbone weights differ from the ones this run started with (sha256 mismatch)")
         if saved["class_order"] != self.stream.order:
             raise BadInputError("the class order differs from the one this run started with")
         if saved["dataset"]["manifest_sha256"] != self.provenance.sha256:
             raise BadInputError("the data differs from the one this run started with (manifest sha256 mismatch)")
-        state, _ = rundir.load_checkpoint(checkpoints[-1])
-        self.method.load_learned_state(state, self.stream.tasks()[: len(checkpoints)])
+        last = run.finished_tasks - 1
+        try:
+            self.method.load_learned_state(run.load_state(last), self.stream.tasks()[: last + 1])
+        except BadInputError as error:
+            raise run.damaged(run.checkpoints[last] / rundir.STATE_FILE, str(error), last) from error
         self.method.to(self.ctx.device)
-        return rundir.task_records(self.run_dir, len(checkpoints))
+        return run.task_records
 
     def run(self, resume: bool = False) -> RunResult:
         trackers = self.config.runtime.log if self.ctx.is_main else []
@@ -197,14 +200,7 @@ class Trainer:
         return AccuracyMatrix.from_rows([record["counts"] for record in records], self.zero_shot)
 
     def _write_metrics(self, records: list[dict], finished: bool, extra: dict | None = None) -> dict:
-        """metrics.json and acc_matrix.csv from the task records: accuracy, task retrieval (methods that
-        retrieve a task per image) and the method's per-task diagnostics."""
-        retrieval = None
-        if all("retrieval" in record for record in records):
-            retrieval = AccuracyMatrix.from_rows([record["retrieval"] for record in records])
-        if any("diagnostics" in record for record in records):
-            extra = {**(extra or {}), "task_diagnostics": [record.get("diagnostics") for record in records]}
-        return rundir.write_metrics(self.run_dir, self._matrix(records), finished, extra, retrieval)
+        return rundir.write_task_metrics(self.run_dir, records, self.zero_shot, finished, extra)
 
     def _zero_shot_row(self) -> list[tuple[int, int]]:
         """Every task scored before the first is trained: computed once, kept in the run folder for resumes."""

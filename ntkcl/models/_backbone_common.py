@@ -144,3 +144,5 @@ class BackboneDescription:
     origin: BackboneOrigin
     kind: str
     features: frozenset[str]
+    parameter_bytes: int = 0
+    activation_bytes_per_image: int = 0

@@ -160,11 +160,19 @@ class Backbone(nn.Module):
         return self.pool(self.run_blocks(self.embed(images), block_forward))
 
 
+def _memory_estimate(model: nn.Module) -> tuple[int, int]:
+    """Lower bounds of what a model built on the meta device needs: (parameter and buffer bytes, bytes of one
+    image's tokens in float32, which any forward pass holds at least once)."""
+    parameters = sum(tensor.numel() * tensor.element_size() for tensor in (*model.parameters(), *model.buffers()))
+    tokens = getattr(getattr(model, "patch_embed", None), "num_patches", 0) + getattr(model, "num_prefix_tokens", 1)
+    return parameters, tokens * getattr(model, "embed_dim", 0) * 4
+
+
 def _describe_timm(name: str, model_kwargs: dict | None, weights: str | Path | None) -> BackboneDescription:
     model, origin = describe_timm_model(name, model_kwargs)
     if weights is not None:
         check_checkpoint(weights, origin.name)
-    return BackboneDescription(origin, model_kind(model), model_features(model))
+    return BackboneDescription(origin, model_kind(model), model_features(model), *_memory_estimate(model))
 
 
 def _create_timm(
