@@ -19,9 +19,11 @@ lies in the row space of A. Per task t:
 Prediction, without task identity: the merged model's CLS feature through every task's head, argmax over all
 classes.
 
-Quirks of the reference kept as it computes them: the DualGPM update reads R itself as the representation
-matrix, so its energies are the squared eigenvalues of the covariance (not the eigenvalues); the first task
-keeps the directions strictly below the threshold (at least one), later tasks also the one crossing it.
+Quirks of the reference kept as it computes them: the first task keeps the directions strictly below the
+threshold (at least one), later tasks also the one crossing it; and the DualGPM update reads R itself as the
+representation matrix, so its energies are the squared eigenvalues of the covariance, which concentrates the
+energy on fewer leading directions than the token matrix's own energies (`energies = "squared"`, default;
+"eigenvalues" thresholds R's eigenvalues, the energies of the token matrix X with R = X Xᵀ / n, as GPM does).
 
 Departures, each small and named:
 
@@ -41,6 +43,7 @@ Departures, each small and named:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -62,6 +65,11 @@ class InfLoRAParams(MethodParams):
     rank: int = Field(10, ge=1, description="LoRA rank r")
     threshold_start: float = Field(0.95, gt=0, le=1, description="λ_start (lamb): DualGPM energy threshold at task 0")
     threshold_end: float = Field(1.0, gt=0, le=1, description="λ_end (lame): the threshold it moves towards")
+    energies: Literal["squared", "eigenvalues"] = Field(
+        "squared",
+        description="squared: DualGPM reads the covariance R as the representation matrix (the reference; energies "
+        "are R's squared eigenvalues); eigenvalues: it reads the token matrix X (R = X Xᵀ / n), GPM's usual energies",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> InfLoRAParams:
@@ -185,7 +193,7 @@ class InfLoRA(ContinualMethod):
         threshold = self.threshold(task)
         for delta, subspace, covariance in zip(self.weight_deltas, self.subspaces, covariances, strict=True):
             delta.fold()
-            subspace.update(gram(covariance), threshold)
+            subspace.update(gram(covariance) if self.params.energies == "squared" else covariance, threshold)
         self.seen_classes = task.total_classes
 
     @torch.no_grad()
