@@ -4,7 +4,7 @@ In every block, after attention, a generator mixes the block's tokens along the 
 tokens, `G = LayerNorm(W_tok · T)`, adds `carry · P_old` (the previous block's prompts after this block's
 attention) and inserts them right after the prefix tokens (CLS) before the MLP. In the first block the prompt
 slots receive no residual; later blocks add the residual `h`, whose prompt slots hold `P_old`. W_tok and the
-LayerNorm start at zero, so an untrained generator emits zero prompts.
+LayerNorm (eps 1e-6, the reference's) start at zero, so an untrained generator emits zero prompts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class PromptGenerator(nn.Module):
     def __init__(self, num_tokens: int, dim: int, num_prompts: int = 10):
         super().__init__()
         self.token_mix = nn.Linear(num_tokens, num_prompts)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         for tensor in (self.token_mix.weight, self.token_mix.bias, self.norm.weight, self.norm.bias):
             nn.init.zeros_(tensor)
 
