@@ -17,7 +17,7 @@ CPU, as the engine runs.
 
 Usage: python benchmarks/method_throughput.py [--backbone vit_base_patch16_224] [--clip-backbone
        clip:ViT-B-16/openai] [--stream imagenet-r] [--tasks 5] [--eval-batch 64] [--steps 3] [--small]
-       [--methods ease inflora ...]
+       [--methods ease inflora ...] [--param ranpac.projection_dim=1000 ...]
 """
 
 from __future__ import annotations
@@ -104,9 +104,19 @@ def preset_batch(method: str, stream: str) -> int:
     return resolve_config(overrides={"stream": {"dataset": stream}, "method": {"name": method}}).optim.batch_size
 
 
+def method_overrides(assignments: list[str]) -> dict[str, dict]:
+    """`METHOD.KEY=VALUE` (VALUE in JSON) -> {method: {key: value}}."""
+    overrides: dict[str, dict] = {}
+    for assignment in assignments:
+        target, _, value = assignment.partition("=")
+        method, _, key = target.partition(".")
+        overrides.setdefault(method, {})[key] = json.loads(value)
+    return overrides
+
+
 def measure(name: str, cls, backbone, device: torch.device, args) -> dict:
     torch.manual_seed(0)
-    params = validate_params(cls, {})
+    params = validate_params(cls, method_overrides(args.param).get(name, {}))
     method = cls(backbone, params).to(device)
     tasks = stream_tasks(args.tasks, args.classes_per_task)
     method.begin_stream(tasks)
@@ -172,6 +182,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small", action="store_true", help="32-pixel ViT and CLIP of depth 2 (a CPU check)")
     parser.add_argument("--methods", nargs="*", help="only these methods (default: every registered one)")
+    parser.add_argument(
+        "--param", action="append", default=[], help="METHOD.KEY=JSON: a hyper-parameter other than the default"
+    )
     args = parser.parse_args()
     device = pick_device(args.device)
     vit = create_backbone(args.backbone, pretrained=False, model_kwargs=SMALL_VIT if args.small else None)
@@ -188,6 +201,7 @@ def main() -> None:
         "classes_per_task": args.classes_per_task,
         "eval_batch": args.eval_batch,
         "steps": args.steps,
+        "params": method_overrides(args.param),
         "methods": {},
     }
     for name, item in sorted(discover_methods().items()):
