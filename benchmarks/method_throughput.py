@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import traceback
 
 import torch
@@ -221,6 +222,7 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - one method's failure is reported, the others still run
             document["methods"][name] = {"error": "".join(traceback.format_exception_only(error)).strip()}
         restore(backbone)
+        print(json.dumps({name: document["methods"][name]}), file=sys.stderr, flush=True)  # progress of a long run
     print(json.dumps(document, indent=2))
 
 
