@@ -72,11 +72,14 @@ class RandomTaskData:
 
 
 class PassCounter:
-    """Counts the images entering the backbone's first block."""
+    """Counts the images entering the backbone's first block (at its first norm, which block forwards that
+    re-compose a block call too)."""
 
     def __init__(self, backbone):
         self.images = 0
-        self.handle = backbone.blocks[0].register_forward_pre_hook(self._count)
+        block = backbone.blocks[0]
+        first_norm = getattr(block, "norm1", None) or getattr(block, "ln_1", block)
+        self.handle = first_norm.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
         self.images += args[0].shape[0]
@@ -146,9 +149,11 @@ def measure(name: str, cls, backbone, device: torch.device, args) -> dict:
         train_step(method, method, optimization, images, labels, parts, device, precision)
 
     counter = PassCounter(backbone)
-    step()
-    train_passes = counter.images / batch
-    train_seconds = timed(device, step, args.steps)
+    trains = any(parameter.requires_grad for parameter in method.parameters())
+    if trains:
+        step()
+        train_passes = counter.images / batch
+        train_seconds = timed(device, step, args.steps)
     method.eval()
     with torch.no_grad(), autocast_on(device):
         method.end_task(last, RandomTaskData(last, args.task_images, size, device, args.eval_batch))
@@ -159,10 +164,17 @@ def measure(name: str, cls, backbone, device: torch.device, args) -> dict:
         eval_passes = counter.images / args.eval_batch
         eval_seconds = timed(device, lambda: method.predict(eval_images), args.steps)
     counter.handle.remove()
+    training = (
+        {
+            "train_batch": batch,
+            "train_images_per_s": batch / train_seconds,
+            "train_backbone_passes_per_image": train_passes,
+        }
+        if trains
+        else {"train": "nothing to train"}
+    )
     return {
-        "train_batch": batch,
-        "train_images_per_s": batch / train_seconds,
-        "train_backbone_passes_per_image": train_passes,
+        **training,
         "eval_images_per_s": args.eval_batch / eval_seconds,
         "eval_backbone_passes_per_image": eval_passes,
         "seen_classes": int(logits.shape[1]),
