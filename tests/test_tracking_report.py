@@ -58,6 +58,8 @@ def test_report_writes_a_page_and_pngs_for_two_runs(logged_runs, tmp_path, cli):
             "forgetting.png",
             f"accuracy_matrix-{finetune.name}.png",
             f"accuracy_matrix-{simplecil.name}.png",
+            f"phase_times-{finetune.name}.png",
+            f"phase_times-{simplecil.name}.png",
         ]
     )
     assert sorted(str(tmp_path / "report" / name) for name in names) == sorted(written["files"])
@@ -68,7 +70,8 @@ def test_report_writes_a_page_and_pngs_for_two_runs(logged_runs, tmp_path, cli):
     assert finetune.name in page and simplecil.name in page
     # Self-contained: every picture is embedded, none is linked.
     embedded = page.count('src="data:image/png;base64,')
-    assert embedded == 4 and 'src="accuracy' not in page
+    assert embedded == 6 and 'src="accuracy' not in page
+    assert f"time per phase of each task of {finetune.name}" in page
     first = page.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(first).startswith(PNG_SIGNATURE)
     row = next(row for row in written["runs"] if row["run"] == finetune.name)
@@ -90,7 +93,7 @@ def test_missing_tracker_package_exits_2_before_the_run(cli, data_root, tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     result = cli(*RUN, "--method", "simplecil", "--log", "wandb", "--out", tmp_path / "runs")
     assert result.code == 2
-    assert result.json()["error"] == "--log wandb needs the wandb package: pip install 'ntkcl[wandb]'"
+    assert result.json()["error"] == "--log wandb needs wandb: pip install 'ntkcl[wandb]'"
     assert not (tmp_path / "runs").exists()
 
 

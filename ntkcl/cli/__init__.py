@@ -29,6 +29,7 @@ app = typer.Typer(
     add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -49,9 +50,9 @@ def _root(
 @functools.cache
 def register_commands() -> typer.core.TyperGroup:
     """Attach every subcommand to `app` and build its command group, once (the modules import nothing heavy)."""
-    from ntkcl.cli import datasets, evaluate, export, prepare, report, train
+    from ntkcl.cli import datasets, diagnose, evaluate, export, prepare, report, reproduce, train
 
-    for module in (datasets, prepare, train, evaluate, export, report):
+    for module in (datasets, prepare, train, evaluate, export, report, reproduce, diagnose):
         module.register(app)
     return typer.main.get_command(app)
 

@@ -8,6 +8,7 @@ import typer
 
 from ntkcl.cli import _common
 from ntkcl.errors import BadInputError
+from ntkcl.files import expand_user
 
 
 def _print_export_result(result: dict) -> None:
@@ -26,15 +27,22 @@ def _print_export_result(result: dict) -> None:
 
 
 def evaluate(
-    path: str = typer.Argument(..., help="A run directory, an export folder, or a Hub repo id (user/name)."),
+    path: str = typer.Argument(
+        ...,
+        metavar="PATH",
+        help="A run directory, a seed group folder, an export folder, or a Hub repo id (user/name).",
+    ),
     stream: str | None = typer.Option(
         None,
         "--stream",
         "-s",
+        metavar="NAME",
         help="Exports only: score on another prepared dataset with the same classes (default: the export's).",
         autocompletion=_common.complete_datasets,
     ),
-    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit of a repo id."),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="REF", help="Hub branch, tag or commit of a repo id."
+    ),
     weights: Path | None = typer.Option(
         None,
         "--weights",
@@ -51,13 +59,24 @@ def evaluate(
 
     A run directory: reload every task's checkpoint and recompute the accuracy matrix, A_T, mean incremental accuracy and forgetting.
 
+    A seed group folder (ntkcl train --seeds): recompute every member's, then print each metric as mean ± sample sd over the members.
+
     An export folder or Hub repo id: rebuild the model (base backbone from timm or --weights, its sha256 checked) and report its accuracy on the test classes of each exported task and A_T. The stream must be prepared; --stream scores it on another prepared dataset with the same classes.
     """
     _common.set_json(json_output)
     from ntkcl.engine import rundir
     from ntkcl.export.constants import CONFIG_NAME as EXPORT_CONFIG
 
-    local = Path(path).expanduser()
+    local = expand_user(path)
+    from ntkcl.engine.groups import is_group
+
+    if is_group(local):
+        if stream is not None or revision is not None or weights is not None:
+            raise BadInputError("--stream, --revision and --weights apply to exports; a group is scored on its stream")
+        from ntkcl.cli._seed_groups import evaluate_group
+
+        evaluate_group(local, data_root, quiet, json_output)
+        return
     # A run folder stopped before run.json holds config.json alone; an export holds config.json beside its own.
     started_run = (local / rundir.RUN_FILE).is_file()
     if started_run or ((local / rundir.CONFIG_FILE).is_file() and not (local / EXPORT_CONFIG).is_file()):

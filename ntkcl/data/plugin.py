@@ -12,8 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from ntkcl.data.manifest import Manifest, read_manifest
 from ntkcl.errors import BadInputError
@@ -104,11 +106,17 @@ class Samples:
         return cls(labels, paths=paths if has_paths else None, arrays=arrays, class_names=names)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
+        """Images `indices` in that order; all of them in order keeps the arrays as they are (a memory map
+        of a large dataset stays one, not a copy in memory)."""
         indices = np.asarray(indices, dtype=np.int64)
+        everything = len(indices) == len(self) and bool((indices == np.arange(len(self))).all())
+        arrays = None
+        if self.arrays is not None:
+            arrays = self.arrays if everything else self.arrays[indices]
         return Samples(
             labels=self.labels[indices],
             paths=[self.paths[i] for i in indices] if self.paths is not None else None,
-            arrays=self.arrays[indices] if self.arrays is not None else None,
+            arrays=arrays,
             class_names=self.class_names,
         )
 
@@ -128,13 +136,15 @@ def samples_from_manifest(dataset_dir: Path, manifest: Manifest, split: str) -> 
         raise KeyError(f"{manifest.dataset} has no split {split!r} (has {sorted(manifest.splits)})")
     labels = np.array([label for _, label in rows], dtype=np.int64)
     if rows and "#" in rows[0][0]:
-        array_files: dict[str, np.ndarray] = {}
-        images = []
-        for relative, _ in rows:
-            file_name, index = relative.rsplit("#", 1)
-            if file_name not in array_files:
-                array_files[file_name] = image_array(dataset_dir / file_name)
-            images.append(array_files[file_name][int(index)])
+        addresses = [relative.rsplit("#", 1) for relative, _ in rows]
+        array_files = {name: image_array(dataset_dir / name) for name in dict.fromkeys(name for name, _ in addresses)}
+        indices = np.array([int(index) for _, index in addresses], dtype=np.int64)
+        if len(array_files) == 1:
+            # every image of one file in order is the file itself: a memory-mapped `.npy` stays mapped
+            (array,) = array_files.values()
+            whole = len(indices) == len(array) and bool((indices == np.arange(len(array))).all())
+            return Samples(labels=labels, arrays=array if whole else array[indices], class_names=manifest.classes)
+        images = [array_files[name][index] for (name, _), index in zip(addresses, indices, strict=True)]
         return Samples(labels=labels, arrays=np.stack(images), class_names=manifest.classes)
     return Samples(labels=labels, paths=[dataset_dir / relative for relative, _ in rows], class_names=manifest.classes)
 
@@ -148,6 +158,8 @@ class DatasetPlugin(ABC):
         class_names: names in base-label order (may be filled from the manifest once prepared).
         label_order: how base labels are assigned (e.g. "ImageFolder: case-sensitive sort of folder names").
         homepage, license, citation: shown by `ntkcl datasets` and copied into model cards.
+        hub_dataset_id: the dataset's id on the Hugging Face Hub (`uoft-cs/cifar100`), which model cards list as
+            their `datasets`; empty when the Hub has no copy of it.
         files: what `prepare` needs; empty for generated or bundled data.
         default_init_classes, default_increment: the class-incremental protocol used when a run does not
             say otherwise (the NTK-CL paper's protocol for its benchmarks).
@@ -164,6 +176,7 @@ class DatasetPlugin(ABC):
     homepage: str = ""
     license: str = ""
     citation: str = ""
+    hub_dataset_id: str = ""
     files: tuple[RemoteFile, ...] = ()
     default_init_classes: int = 0
     default_increment: int = 0
@@ -182,10 +195,27 @@ class DatasetPlugin(ABC):
     def dataset_dir(self, root: Path) -> Path:
         return Path(root) / self.name
 
+    Options: ClassVar[type[BaseModel] | None] = None
+
     def configure(self, **options) -> DatasetPlugin:
-        """A variant of this dataset from `stream.dataset_options`; plugins without options reject any."""
-        if options:
-            raise BadInputError(f"dataset {self.name!r} takes no options (got {sorted(options)})")
+        """A variant of this dataset from `stream.dataset_options`, validated by the plugin's `Options` model
+        (strict types, bounds, unknown keys refused); plugins without options reject any."""
+        if self.Options is None:
+            if options:
+                raise BadInputError(f"dataset {self.name!r} takes no options (got {sorted(options)})")
+            return self
+        from ntkcl.config import describe_validation_error
+
+        try:
+            validated = self.Options.model_validate(options)
+        except ValidationError as error:
+            raise BadInputError(
+                describe_validation_error(error, "stream.dataset_options", f" for {self.name}")
+            ) from error
+        return self.configured(validated)
+
+    def configured(self, options: BaseModel) -> DatasetPlugin:
+        """The variant of this dataset for validated `Options` (plugins that declare `Options` override it)."""
         return self
 
     @property

@@ -29,13 +29,16 @@ from ntkcl.config import RunConfig, save_config
 from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.engine import rundir
-from ntkcl.engine.builders import StreamProvenance, build_run_transforms
+from ntkcl.engine.builders import StreamProvenance, build_run_transforms, data_root
 from ntkcl.engine.compile import compile_method, compile_seconds, plan_compilation
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate, evaluates_untrained_tasks
+from ntkcl.engine.feed import DEVICE, DeviceFeed, choose_feed
 from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.phases import PhaseClock
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
+from ntkcl.engine.run_reader import read_run_folder
 from ntkcl.engine.seeding import derived_seed, seed_everything
 from ntkcl.engine.tracking import Tracking
 from ntkcl.engine.training import TaskTraining, per_process_batch
@@ -113,7 +116,11 @@ class Trainer:
         )
         self.compiled = compile_method(self.method, self.compile_plan, self.reporter.message)
         self.train_transform, test_transform = build_run_transforms(config, self.backbone)
-        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
+        self.feed_choice = choose_feed(config, self.stream, ctx.device)
+        self.feed = None
+        if self.feed_choice.feed == DEVICE:
+            self.feed = DeviceFeed.build(config, self.stream, ctx, data_root(config), self.backbone.img_size)
+        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx, self.feed, self.reporter)
         self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
         self.zero_shot: list[tuple[int, int]] | None = None
         self.tracking = Tracking([], run_dir, {})
@@ -125,24 +132,26 @@ class Trainer:
         return sum(optim.epochs * (count // optim.batch_size) for count in images)
 
     def _restore(self) -> list[dict]:
-        """Load the last finished checkpoint; return the task records of the finished tasks."""
-        checkpoints = rundir.finished_checkpoints(self.run_dir)
-        expected = [rundir.checkpoint_dir(self.run_dir, i).name for i in range(len(checkpoints))]
-        if [p.name for p in checkpoints] != expected:
-            raise BadInputError(f"{self.run_dir} has non-contiguous checkpoints {[p.name for p in checkpoints]}")
-        if not checkpoints:
+        """Load the last finished checkpoint of the validated run folder; return the finished tasks' records."""
+        run = read_run_folder(self.run_dir, started=False)
+        for note in run.notes:
+            self.reporter.message(note)
+        if not run.checkpoints:
             return []
-        saved = rundir.read_json(self.run_dir / rundir.RUN_FILE)
+        saved = run.record
         if saved["backbone"]["weights_sha256"] != self.backbone.weights_sha256:
             raise BadInputError("the backbone weights differ from the ones this run started with (sha256 mismatch)")
         if saved["class_order"] != self.stream.order:
             raise BadInputError("the class order differs from the one this run started with")
         if saved["dataset"]["manifest_sha256"] != self.provenance.sha256:
             raise BadInputError("the data differs from the one this run started with (manifest sha256 mismatch)")
-        state, _ = rundir.load_checkpoint(checkpoints[-1])
-        self.method.load_learned_state(state, self.stream.tasks()[: len(checkpoints)])
+        last = run.finished_tasks - 1
+        try:
+            self.method.load_learned_state(run.load_state(last), self.stream.tasks()[: last + 1])
+        except BadInputError as error:
+            raise run.damaged(run.checkpoints[last] / rundir.STATE_FILE, str(error), last) from error
         self.method.to(self.ctx.device)
-        return rundir.task_records(self.run_dir, len(checkpoints))
+        return run.task_records
 
     def run(self, resume: bool = False) -> RunResult:
         trackers = self.config.runtime.log if self.ctx.is_main else []
@@ -165,6 +174,8 @@ class Trainer:
             plan = self.compile_plan
             event = {"event": "compile", "enabled": plan.enabled, "reason": plan.reason, "targets": self.compiled}
             rundir.append_log(self.run_dir, {**event, "mode": plan.mode} if plan.enabled else event)
+            rundir.append_log(self.run_dir, {"event": "feed", **dataclasses.asdict(self.feed_choice)})
+            self.reporter.message(f"data feed: {self.feed_choice.feed} ({self.feed_choice.reason})")
         if evaluates_untrained_tasks(self.method, self.stream):
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
         records = self._restore() if resume else []
@@ -189,14 +200,7 @@ class Trainer:
         return AccuracyMatrix.from_rows([record["counts"] for record in records], self.zero_shot)
 
     def _write_metrics(self, records: list[dict], finished: bool, extra: dict | None = None) -> dict:
-        """metrics.json and acc_matrix.csv from the task records: accuracy, task retrieval (methods that
-        retrieve a task per image) and the method's per-task diagnostics."""
-        retrieval = None
-        if all("retrieval" in record for record in records):
-            retrieval = AccuracyMatrix.from_rows([record["retrieval"] for record in records])
-        if any("diagnostics" in record for record in records):
-            extra = {**(extra or {}), "task_diagnostics": [record.get("diagnostics") for record in records]}
-        return rundir.write_metrics(self.run_dir, self._matrix(records), finished, extra, retrieval)
+        return rundir.write_task_metrics(self.run_dir, records, self.zero_shot, finished, extra)
 
     def _zero_shot_row(self) -> list[tuple[int, int]]:
         """Every task scored before the first is trained: computed once, kept in the run folder for resumes."""
@@ -216,20 +220,31 @@ class Trainer:
         ctx, config = self.ctx, self.config
         started = time.perf_counter()
         compiled_before = compile_seconds() if self.compiled else 0.0
-        seed_everything(derived_seed(config.runtime.seed, task.index))
-        self.method.begin_task(task)
-        self.method.to(ctx.device)
-        # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
-        with autocast_for(ctx.device, config.runtime.precision):
-            self.method.prepare_task(task, TaskImages(self.scoring, task))
-        epochs = self._train(task, snapshot)
+        clock = PhaseClock(ctx.device, compile_seconds if self.compiled else None)
+        start_mark = clock.mark()
+        with clock.phase("setup"):
+            seed_everything(derived_seed(config.runtime.seed, task.index))
+            self.method.begin_task(task)
+            self.method.to(ctx.device)
+            # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
+            with autocast_for(ctx.device, config.runtime.precision):
+                self.method.prepare_task(task, TaskImages(self.scoring, task))
+        trainable = sum(parameter.numel() for parameter in self.method.parameters() if parameter.requires_grad)
+        epochs = self._train(task, snapshot, clock)
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
         self.method.eval()
-        with torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
+        with clock.phase("statistics"), torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
             diagnostics = self.method.end_task(task, TaskImages(self.scoring, task))
-        scores = evaluate(self.method, self.scoring, task)
+        with clock.phase("evaluation"):
+            scores = evaluate(self.method, self.scoring, task)
         seconds = time.perf_counter() - started
-        record = {"task": task.index, "counts": scores.counts, "epochs": epochs, "seconds": seconds}
+        record = {
+            "task": task.index,
+            "counts": scores.counts,
+            "epochs": epochs,
+            "seconds": seconds,
+            "trainable_parameters": trainable,
+        }
         if scores.retrieval is not None:
             record["retrieval"] = scores.retrieval
         if diagnostics:
@@ -237,15 +252,18 @@ class Trainer:
         if ctx.is_main:
             if self.compiled:
                 record["compile_s"] = compile_seconds() - compiled_before
-            state = self.method.learned_state()
-            rundir.save_checkpoint(self.run_dir, task.index, state, record, self.method.is_training_only)
-            if task.index > 0:
-                rundir.drop_training_state(rundir.checkpoint_dir(self.run_dir, task.index - 1))
-            rundir.remove_snapshots(self.run_dir)
-            rundir.append_log(self.run_dir, {"event": "task_end", **record})
-            records = [*earlier, record]
-            seen = self._write_metrics(records, finished=task.is_last)["all_seen_accuracy"][-1]
-            self.tracking.task_end(self._matrix(records))
+            with clock.phase("checkpoint"):
+                state = self.method.learned_state()
+                rundir.save_checkpoint(self.run_dir, task.index, state, record, self.method.is_training_only)
+                if task.index > 0:
+                    rundir.drop_training_state(rundir.checkpoint_dir(self.run_dir, task.index - 1))
+                rundir.remove_snapshots(self.run_dir)
+                records = [*earlier, record]
+                seen = self._write_metrics(records, finished=task.is_last)["all_seen_accuracy"][-1]
+                self.tracking.task_end(self._matrix(records))
+            wall = time.perf_counter() - started
+            phases = clock.since(start_mark, wall)
+            rundir.append_log(self.run_dir, {"event": "task_end", **record, "wall_s": wall, "phases": phases})
             scope = (
                 f"{task.total_classes} seen classes"
                 if task.scenario == CLASS_INCREMENTAL
@@ -257,22 +275,25 @@ class Trainer:
         ctx.barrier()
         return record
 
-    def _train(self, task: TaskInfo, snapshot: Path | None) -> list[dict]:
+    def _train(self, task: TaskInfo, snapshot: Path | None, clock: PhaseClock) -> list[dict]:
         """Train the current task (from `snapshot` when resuming inside it); returns one record per epoch."""
         trainable = [p for p in self.method.parameters() if p.requires_grad]
         if not trainable or self.config.optim.epochs_of(task.index) == 0:
             return []
-        training = TaskTraining(
-            self.method,
-            task,
-            self.stream,
-            self.train_transform,
-            self.config,
-            self.ctx,
-            self.reporter,
-            self.tracking,
-            self.run_dir,
-        )
+        with clock.phase("setup"):
+            training = TaskTraining(
+                self.method,
+                task,
+                self.stream,
+                self.train_transform,
+                self.config,
+                self.ctx,
+                self.reporter,
+                self.tracking,
+                self.run_dir,
+                clock,
+                self.feed,
+            )
         return training.run(snapshot)
 
 
@@ -288,8 +309,9 @@ def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter
     try:
         ctx = init_distributed(config.runtime.device, config.runtime.gpus)
         parts = prepare_run(config, ctx, out if resume_dir is None else None)
+        reporter.checked()
         run_dir = resume_dir if resume_dir is not None else start_run(config, out, ctx)
-        reporter.run_dir = run_dir
+        reporter.started(run_dir)
         trainer = Trainer(config, run_dir, ctx, reporter, parts)
         result = trainer.run(resume=resume_dir is not None)
     except Exception as error:

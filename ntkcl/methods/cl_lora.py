@@ -61,7 +61,15 @@ from pydantic import Field
 from torch import nn
 
 from ntkcl.errors import BadInputError
-from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskData, TaskInfo, class_means
+from ntkcl.methods.base import (
+    ContinualMethod,
+    MethodParams,
+    StepOutput,
+    TaskData,
+    TaskInfo,
+    batch_accuracy,
+    class_means,
+)
 from ntkcl.models.backbone import FUSED_QKV_ATTENTION, PRE_NORM_BLOCKS, VIT_TOKENS, Backbone, BlockForward
 from ntkcl.models.heads import CosineLinear, PrototypeClassifier
 from ntkcl.models.lora import LoRA, StackedLoRA, lora_block_forward, pack_qkv, run_blocks_for_tasks
@@ -175,6 +183,8 @@ class CLLoRA(ContinualMethod):
     name = "cl-lora"
     Params = CLLoRAParams
     transient = ("proxy_head", "teacher")
+    # Backbone passes whose adapters come in as arguments: the same graph for every task's adapters.
+    compile_targets = ("task_feature", "early_exit_feature")
     required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS, FUSED_QKV_ATTENTION)
     citation = (
         "@inproceedings{he2025cllora, title={Continual Low-Rank Adaptation for Rehearsal-Free Class-Incremental "
@@ -310,7 +320,7 @@ class CLLoRA(ContinualMethod):
         cross_entropy = F.cross_entropy(logits.float(), local)
         older = [task.block_weights for task in self.tasks[:-1]]
         orthogonality = block_weight_orthogonality(current.block_weights, older)
-        accuracy = (logits.argmax(dim=1) == local).float().mean()
+        accuracy = batch_accuracy(logits, local)
         logs = {"ce": cross_entropy.detach(), "orth": orthogonality.detach(), "train_acc": accuracy.detach()}
         return StepOutput(cross_entropy + self.params.orth_weight * orthogonality, logs)
 
@@ -355,6 +365,5 @@ class CLLoRA(ContinualMethod):
             total += size
         return sizes
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.prototypes.per_task(self.stored_task_features(images), self._finished_sizes())
