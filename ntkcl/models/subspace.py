@@ -1,6 +1,10 @@
 """Energy-threshold subspaces: the Gradient Projection Memory routine (Saha et al., "Gradient Projection Memory
 for Continual Learning", arXiv 2103.09762) that KeepLoRA (Luo et al., "KeepLoRA: Continual Learning with
-Residual Gradient Adaptation", arXiv 2601.19659) uses to protect pre-trained and learned directions.
+Residual Gradient Adaptation", arXiv 2601.19659) uses to protect pre-trained and learned directions, and its
+dual form (DualGPM, Liang and Li, "Adaptive Plasticity Improvement for Continual Learning", CVPR 2023) that
+InfLoRA (Liang and Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
+arXiv 2404.00228) uses: once the protected directions fill more than half of the space, the basis of the free
+directions is kept instead, which is the smaller of the two.
 
 A basis is a (d x k) matrix with orthonormal columns. Energies are squared singular values (equivalently the
 eigenvalues of a Gram matrix X Xᵀ), sorted in descending order. The linear algebra runs in float64 outside
@@ -113,3 +117,79 @@ def gpm_update(basis: torch.Tensor | None, gram_matrix: torch.Tensor, threshold:
         added += 1
     grown = torch.cat([basis.double(), vectors[:, :added]], dim=1)[:, :dimension]
     return grown.float().contiguous()
+
+
+def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric float64 matrix."""
+    energies, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return energies.flip(0).clamp_min(0), vectors.flip(1)
+
+
+def free_component(matrix: torch.Tensor, basis: torch.Tensor, free: bool) -> torch.Tensor:
+    """The component of `matrix` (d x n) in the free space of a DualGPM basis.
+
+    Args:
+        matrix: the columns to project.
+        basis: (d x k) orthonormal columns.
+        free: whether `basis` spans the free directions (then Q Qᵀ M) or the protected ones (then M - P Pᵀ M).
+    """
+    if free:
+        basis = basis.to(matrix.dtype)
+        return basis @ (basis.T @ matrix)
+    return project_off(matrix, basis)
+
+
+def _free_when_over_half(basis: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A protected basis wider than half the space as the basis of its complement (DualGPM's switch)."""
+    dimension, width = basis.shape
+    if width <= dimension / 2:
+        return basis, False
+    with torch.autocast(device_type=basis.device.type, enabled=False):
+        left, _, _ = torch.linalg.svd(basis.double(), full_matrices=True)
+    return left[:, width:].float().contiguous(), True
+
+
+def dual_gpm_update(
+    basis: torch.Tensor, free: bool, gram_matrix: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, bool]:
+    """Grow the protected space of a DualGPM basis with a task's representation matrix X (d x n).
+
+    With G = X Xᵀ (`gram`) and tot = tr(G):
+
+    * nothing protected yet (a protected basis of width 0): the leading `energy_rank(ê, threshold)` eigenvectors
+      of G (at least one, the direction crossing the threshold excluded);
+    * a protected basis P: `gpm_update` (GPM's rule, the crossing direction included);
+    * a free basis Q (k columns): with Ĝ = Q Qᵀ G Q Qᵀ (the energy still in the free space), acc = tr(Ĝ) / tot;
+      while acc ≥ 1 - threshold, the next eigenvector of Ĝ leaves the free space (acc -= ê_i / tot); the
+      r that left are removed: Q ← the leading k - r left singular vectors of Q - U_r U_rᵀ Q.
+
+    Afterwards a protected basis wider than d / 2 is replaced by the basis of its complement (free).
+
+    Returns:
+        The new (d x k') float32 basis and whether it spans the free space.
+    """
+    with torch.autocast(device_type=gram_matrix.device.type, enabled=False):
+        full = gram_matrix.double()
+        if not free and basis.shape[1] == 0:
+            energies, vectors = _descending_eigh(full)
+            rank = energy_rank(energies, threshold)
+            return _free_when_over_half(vectors[:, :rank].float().contiguous())
+        if not free:
+            return _free_when_over_half(gpm_update(basis, full, threshold))
+        total = torch.trace(full)
+        if total <= 0:
+            return basis, True
+        kept = basis.double()
+        projector = kept @ kept.T
+        energies, vectors = _descending_eigh(projector @ full @ projector)
+        remaining = (energies.sum() / total).item()
+        ratios = (energies / total).tolist()
+        removed = 0
+        while removed < len(ratios) and remaining >= 1 - threshold:
+            remaining -= ratios[removed]
+            removed += 1
+        if removed == 0:
+            return basis, True
+        leaving = vectors[:, :removed]
+        left, _, _ = torch.linalg.svd(kept - leaving @ (leaving.T @ kept), full_matrices=True)
+        return left[:, : kept.shape[1] - removed].float().contiguous(), True
