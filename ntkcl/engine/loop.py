@@ -36,6 +36,7 @@ from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evalu
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
+from ntkcl.engine.reference import has_reference, reference_matrix, reference_summary
 from ntkcl.engine.seeding import derived_seed, seed_everything
 from ntkcl.engine.tracking import Tracking
 from ntkcl.engine.training import TaskTraining, per_process_batch
@@ -167,6 +168,8 @@ class Trainer:
             rundir.append_log(self.run_dir, {**event, "mode": plan.mode} if plan.enabled else event)
         if evaluates_untrained_tasks(self.method, self.stream):
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
+        # Before any saved state is loaded, so a method's merged weight deltas are not in the reference's features.
+        reference = self._no_training_reference() if has_reference(self.method, self.scoring) else None
         records = self._restore() if resume else []
         started = time.perf_counter()
         snapshot = rundir.latest_snapshot(self.run_dir, len(records)) if resume else None
@@ -181,6 +184,8 @@ class Trainer:
         metrics = {}
         if ctx.is_main and matrix is not None:
             extra = {"wall_time_s_last_session": time.perf_counter() - started}
+            if reference is not None:
+                extra["no_training_reference"] = reference
             metrics = self._write_metrics(records, finished=True, extra=extra)
         ctx.barrier()
         return RunResult(self.run_dir, matrix, metrics, finished=True, main_process=ctx.is_main)
@@ -197,6 +202,16 @@ class Trainer:
         if any("diagnostics" in record for record in records):
             extra = {**(extra or {}), "task_diagnostics": [record.get("diagnostics") for record in records]}
         return rundir.write_metrics(self.run_dir, self._matrix(records), finished, extra, retrieval)
+
+    def _no_training_reference(self) -> dict:
+        """SimpleCIL's A_T and forgetting on this run's backbone and stream (`ntkcl.engine.reference`)."""
+        started = time.perf_counter()
+        summary = reference_summary(reference_matrix(self.backbone, self.scoring))
+        self.reporter.message(
+            f"no-training reference ({summary['method']}): A_T {summary['final_accuracy']:.2f} "
+            f"({time.perf_counter() - started:.1f}s)"
+        )
+        return summary
 
     def _zero_shot_row(self) -> list[tuple[int, int]]:
         """Every task scored before the first is trained: computed once, kept in the run folder for resumes."""
