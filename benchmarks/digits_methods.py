@@ -4,11 +4,13 @@ Each run is `ntkcl train --stream digits --method M --seed S` in a fresh process
 methods added to the registry later are included without editing this file. Per method: A_T, forgetting,
 wall and CPU seconds (mean and standard deviation over the seeds), the backbone its digits preset uses, and
 whether its mean A_T beats SimpleCIL's on that same backbone (the no-training reference each run computes).
-`--random-reference` adds SimpleCIL on the random initialisation of the default backbone (`--no-pretrained`),
-which says whether the shipped backbone's features mean anything. Prints one JSON object; `--markdown` also
+`--backbone NAME` runs every method on that backbone instead of its preset's (a method that cannot hook into
+it is listed as failed, with the reason); `--random-reference` adds SimpleCIL on the random initialisation of
+the same backbone (`--no-pretrained`), which says whether pre-trained features mean anything. Prints one JSON object; `--markdown` also
 prints the table the README shows.
 
     python benchmarks/digits_methods.py --seeds 0 1 2 --random-reference --markdown
+    python benchmarks/digits_methods.py --backbone ntkcl-tiny-fdsl --random-reference --markdown
 """
 
 from __future__ import annotations
@@ -105,24 +107,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", help="default: every registered method")
+    parser.add_argument("--backbone", help="run every method on this backbone (default: each preset's)")
     parser.add_argument("--random-reference", action="store_true", help="also SimpleCIL with --no-pretrained")
     parser.add_argument("--markdown", action="store_true", help="also print the README table (after the JSON)")
     args = parser.parse_args()
     methods = args.methods or registered_methods()
+    backbone = ["--backbone", args.backbone] if args.backbone else []
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         out, data_root = Path(scratch) / "runs", Path(scratch) / "data"
         for method in methods:
-            runs = [run_once(method, seed, out, data_root, []) for seed in args.seeds]
+            runs = [run_once(method, seed, out, data_root, backbone) for seed in args.seeds]
             rows.append(summarise(method, runs))
             print(json.dumps({"done": method}), file=sys.stderr, flush=True)
         random_reference = None
         if args.random_reference:
-            runs = [run_once(REFERENCE, seed, out, data_root, ["--no-pretrained"]) for seed in args.seeds]
+            runs = [run_once(REFERENCE, seed, out, data_root, [*backbone, "--no-pretrained"]) for seed in args.seeds]
             random_reference = summarise(REFERENCE, runs)
     document = {
         "benchmark": "digits_methods",
         "seeds": args.seeds,
+        "backbone": args.backbone or "each method's digits preset",
         "host": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "methods": rows,
         "simplecil_random_init": random_reference,

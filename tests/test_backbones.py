@@ -30,12 +30,12 @@ SMALL = {"img_size": 32}  # test_vit (6 blocks, width 64) at 32 pixels: 4 patche
 def test_a_named_backbone_replaces_the_stream_presets_backbone(caplog):
     caplog.set_level(logging.WARNING, logger="ntkcl")
     digits = resolve_config(overrides={"stream": {"dataset": "digits"}})
-    assert (digits.backbone.name, digits.backbone.pretrained) == ("ntkcl-tiny-fdsl", True)
+    assert (digits.backbone.pretrained, digits.backbone.model_kwargs["depth"]) == (False, 4)
 
     named = resolve_config(overrides={"stream": {"dataset": "digits"}, "backbone": {"name": "vit_small_patch16_224"}})
     assert named.backbone.pretrained is True and named.backbone.model_kwargs == {}
     (warning,) = [r.getMessage() for r in caplog.records]
-    assert "digits stream preset" in warning and "pretrained=true" in warning
+    assert "digits stream preset" in warning and '"depth": 4' in warning and "pretrained=false" in warning
 
     caplog.clear()
     given = {"name": "test_vit", "pretrained": False, "model_kwargs": {"depth": 2}}
@@ -48,10 +48,10 @@ def test_unset_and_whole_tables_delete_preset_keys():
     assert replaced == ["backbone.model_kwargs"]
     cleared = resolve_config(overrides={"stream": {"dataset": "digits"}, **overrides}, unset=replaced)
     assert cleared.backbone.model_kwargs == {} and cleared.optim.lr == 0.5
-    assert cleared.backbone.name == "ntkcl-tiny-fdsl"  # the rest of the preset stays
+    assert cleared.backbone.name == "vit_tiny_patch16_224"  # the rest of the preset stays
 
     reverted = resolve_config(overrides={"stream": {"dataset": "digits"}}, unset=["backbone.pretrained", "x.y"])
-    assert reverted.backbone.pretrained is True and reverted.backbone.name == "ntkcl-tiny-fdsl"
+    assert reverted.backbone.pretrained is True and reverted.backbone.model_kwargs["depth"] == 4
 
 
 def test_bare_and_deprecated_names_resolve_to_their_tag():
@@ -150,7 +150,7 @@ def test_a_pretrained_run_records_the_resolved_backbone(cli, data_root, fake_hf_
         "--num-workers", "0", "-q", "--json", "--out", tmp_path / "runs",
     )  # fmt: skip
     assert result.code == 0, result.err
-    assert "dropped" in result.err and "pretrained=true" in result.err
+    assert "dropped" in result.err and "pretrained=false" in result.err
     run = tmp_path / "runs" / json.loads(result.out)["run_dir"].rsplit("/", 1)[-1]
     recorded = json.loads((run / "run.json").read_text())["backbone"]
     assert recorded["name"] == "test_vit.r160_in1k" and recorded["requested"] == "test_vit.r160_in1k"

@@ -9,10 +9,9 @@ from safetensors.torch import load_file
 
 from ntkcl.engine import rundir
 from ntkcl.methods.cl_lora import CLLoRA, CLLoRAParams
-from ntkcl.models.shipped import NTKCL_TINY_FDSL
 from ntkcl.presets import resolve_config
 
-# The digits preset's shipped pre-trained ViT (depth 4: shared blocks 0-1, specific 2-3) on three tasks (4, 3, 3 digits), so
+# The digits preset's small ViT (depth 4: shared blocks 0-1, specific 2-3) on three tasks (4, 3, 3 digits), so
 # two of them take the distillation step; one epoch; the global batch divides over 2 ranks.
 RUN = ["train", "--stream", "digits", "--init-classes", "4", "--increment", "3", "--epochs", "1"]
 RUN += ["--batch-size", "32", "--num-workers", "0", "-q", "--json", "--method", "cl-lora"]
@@ -55,8 +54,7 @@ def test_class_order_seed_flag_shuffles_the_fixed_vtab_order():
 
 def test_digits_preset_backbone_and_split():
     config = resolve_config(overrides={"method": {"name": "cl-lora"}})
-    assert config.backbone.name == "ntkcl-tiny-fdsl" and config.stream.dataset == "digits"
-    assert NTKCL_TINY_FDSL.model_kwargs["depth"] == 4
+    assert config.backbone.model_kwargs["depth"] == 4 and config.stream.dataset == "digits"
     assert CLLoRAParams(**config.method.params).rank == 8 and config.optim.lr == 0.005
 
 

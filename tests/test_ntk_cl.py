@@ -280,7 +280,8 @@ def test_channel_variant_trains_on_its_own_feature():
 
 
 def test_ntk_cl_forgets_less_than_finetune_on_digits(cli, data_root, tmp_path):
-    """On the digits preset's shipped pre-trained backbone (ntkcl-tiny-fdsl)."""
+    from tests.conftest import TINY_BACKBONE_FLAGS
+
     forgetting = {}
     for method in ("finetune", "ntk-cl"):
         result = cli(
@@ -289,6 +290,7 @@ def test_ntk_cl_forgets_less_than_finetune_on_digits(cli, data_root, tmp_path):
             "digits",
             "--method",
             method,
+            *TINY_BACKBONE_FLAGS,
             "--init-classes",
             "4",
             "--increment",

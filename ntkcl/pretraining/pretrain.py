@@ -54,15 +54,15 @@ class TrainingSettings:
     """
 
     seed: int = 0
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     crop_padding: int = 2
-    threads: int = 2
+    threads: int = 1
 
 
 def _cpu_seconds() -> float:
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=defaults_data.instances_per_category)
     parser.add_argument("--epochs", type=int, default=defaults_training.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults_training.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults_training.lr, help="peak AdamW learning rate")
     parser.add_argument("--threads", type=int, default=defaults_training.threads)
     args = parser.parse_args(argv)
     for name in ("categories", "instances", "epochs", "batch_size", "threads"):
@@ -276,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         instances_per_category=args.instances,
         image_size=NTKCL_TINY_FDSL.model_kwargs["img_size"],
     )
-    training = TrainingSettings(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, threads=args.threads)
+    if not 0 < args.lr < 1:
+        print("--lr must be in (0, 1)", file=sys.stderr)
+        return 2
+    training = TrainingSettings(
+        seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, threads=args.threads
+    )
     if data.num_categories * data.instances_per_category < training.batch_size:
         print("--categories x --instances must be at least --batch-size", file=sys.stderr)
         return 2
