@@ -169,7 +169,8 @@ class Trainer:
         if evaluates_untrained_tasks(self.method, self.stream):
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
         # Before any saved state is loaded, so a method's merged weight deltas are not in the reference's features.
-        reference = self._no_training_reference() if has_reference(self.method, self.scoring) else None
+        wanted = self.config.runtime.no_training_reference and has_reference(self.method, self.scoring)
+        reference = self._no_training_reference() if wanted else None
         records = self._restore() if resume else []
         started = time.perf_counter()
         snapshot = rundir.latest_snapshot(self.run_dir, len(records)) if resume else None

@@ -2,9 +2,10 @@
 
 `ntkcl-tiny-fdsl` is a 32-pixel ViT (timm `vit_tiny_patch16_224` with patch 8, width 96, 4 blocks, 3 heads)
 pre-trained on generated fractal images by `ntkcl.pretraining.pretrain` (formula-driven supervised
-learning, Kataoka et al., ACCV 2020). It is what the bundled `digits` and generated `synthetic` streams use,
-since nothing can be downloaded in CI. The weights load through the same strict, recorded path as any local
-file (`ntkcl.models.weights.locate_weights`), so a run records the file and its sha256 under this name.
+learning, Kataoka et al., ACCV 2020), so that a pre-trained backbone is at hand where nothing can be
+downloaded (CI, offline machines). The weights load through the same strict, recorded path as any local file
+(`ntkcl.models.weights.locate_weights`), checked against the sha256 the script recorded, so a run records
+the file and its sha256 under this name.
 """
 
 from __future__ import annotations

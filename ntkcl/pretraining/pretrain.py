@@ -2,8 +2,7 @@
 
 Kataoka et al., "Pre-training without Natural Images" (ACCV 2020, arXiv 2101.08515): a ViT learns to tell
 IFS fractal categories apart (`ntkcl.pretraining.fractals`), and its features transfer without a single
-natural image. This script made `ntkcl-tiny-fdsl`, the backbone of the bundled `digits` and `synthetic`
-streams, on a CPU:
+natural image. This script made `ntkcl-tiny-fdsl`, the backbone shipped in the package, on a CPU:
 
     python -m ntkcl.pretraining.pretrain --output ntkcl/models/shipped/ntkcl-tiny-fdsl
 
@@ -198,20 +197,23 @@ tags:
 # {backbone.name}
 
 A {report["parameters"]:,}-parameter vision transformer (timm `{backbone.architecture}` with {kwargs}) pre-trained
-on generated fractal images only: no natural image, no download. It is the default backbone of ntkcl's
-bundled `digits` and generated `synthetic` streams, so that their continual-learning runs start from features
-that mean something, as every PEFT-CL method assumes.
+on generated fractal images only: no natural image, no download, so that continual-learning runs can start
+from a pre-trained backbone offline (`--backbone {backbone.name}`), as every PEFT-CL method assumes.
 
-It is not an ImageNet model and says nothing about the accuracy of a ViT-B/16 on the paper benchmarks.
+It is small and briefly trained: on ntkcl's `digits` stream its frozen features beat its own random
+initialisation but not a randomly initialised ViT at patch 16 and width 192, which the `digits` preset
+therefore keeps (numbers in ntkcl's README). It is not an ImageNet model and says nothing about the accuracy
+of a ViT-B/16 on the paper benchmarks.
 
 ## How it was made
 
-`python -m ntkcl.pretraining.pretrain --output <folder>` (see `ntkcl/pretraining/`), on a CPU with
-{training["threads"]} threads:
+`python -m ntkcl.pretraining.pretrain --output <folder>` (see `ntkcl/pretraining/`), on a CPU
+({training["threads"]} torch threads):
 
 - data: {data["num_categories"]} iterated-function-system categories x {data["instances_per_category"]} instances,
   {data["image_size"]}x{data["image_size"]} RGB, {data["min_maps"]}-{data["max_maps"]} affine maps per category
-  under the sigma-factor rule, random colours, scale, rotation, mirror and position; generator seed {data["seed"]};
+  under the sigma-factor rule, random colours, scale, mirror and position, rotation up to
+  {data["max_rotation"]:.2f} rad; generator seed {data["seed"]};
 - training: classify the categories, {training["epochs"]} epochs, batch {training["batch_size"]}, AdamW lr
   {training["lr"]} (warm-up {training["warmup_epochs"]} epoch, cosine), weight decay {training["weight_decay"]},
   label smoothing {training["label_smoothing"]}, random translation by {training["crop_padding"]} px; seed
