@@ -186,6 +186,8 @@ HAND_CASES = {
     "unset": [["--unset", key] for key in ("", "a..b", "optim.no_such_field", "optim.lr.x")],
     "out": [["--out", o] for o in ("/etc/passwd", "/etc/passwd/runs", "")],
     "resume": [["--resume", r] for r in ("/no/such/run", "/etc/passwd", "/tmp", "")],
+    "seeds": [["--seeds", s] for s in ("x", "", "3-1", "0,,1", "-1", "99999999999999999999", "0-5000")],
+    "group": [["--group", g] for g in ("a/b", "", "..")],
 }
 
 # Every case of the issue that asked for this table, as it was reported.

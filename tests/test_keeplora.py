@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from ntkcl.methods.base import TaskInfo
-from ntkcl.methods.keeplora import FeatureStatistics, KeepLoRA, KeepLoRAParams, KeepLoRAPlus, KeepLoRAPlusParams
+from ntkcl.methods.keeplora import (
+    FeatureStatistics,
+    KeepLoRA,
+    KeepLoRAParams,
+    KeepLoRAPlus,
+    KeepLoRAPlusParams,
+    normalized_class_means,
+)
 from ntkcl.models.backbone import create_backbone
 from ntkcl.models.heads import clip_logits
 from ntkcl.models.subspace import project_off, weight_basis
@@ -184,7 +191,7 @@ def test_end_task_merges_and_grows_orthonormal_bases(clip, options):
     torch.testing.assert_close(rebuilt.predict(images), method.predict(images), atol=0, rtol=0)
 
 
-def test_keeplora_plus_classifier_starts_at_class_means_and_adds_to_zero_shot_logits(clip):
+def test_keeplora_plus_classifier_starts_at_normalised_class_means_and_adds_to_zero_shot_logits(clip):
     method = build(clip, KeepLoRAPlus, KeepLoRAPlusParams)
     task = make_task(0, 0, 3)
     method.begin_task(task)
@@ -193,7 +200,7 @@ def test_keeplora_plus_classifier_starts_at_class_means_and_adds_to_zero_shot_lo
     head = method.classifiers["0"]
     with torch.no_grad():
         features = clip(data.images)
-    means = torch.stack([features[data.labels == c].mean(0) for c in range(3)])
+    means = torch.stack([F.normalize(features[data.labels == c], dim=-1).mean(0) for c in range(3)])
     torch.testing.assert_close(head.weight, F.normalize(means, dim=-1), atol=1e-5, rtol=1e-4)
     assert head.sigma.item() == 30.0 and not head.sigma.requires_grad and head.weight.requires_grad
     method.end_task(task, data)
@@ -212,3 +219,24 @@ def test_keeplora_plus_classifier_starts_at_class_means_and_adds_to_zero_shot_lo
         atol=1e-4,
         rtol=1e-4,
     )
+
+
+def test_keeplora_plus_initial_classifier_from_constructed_features():
+    # Class 0 holds a long and a short vector: the mean of the normalised features points at 45 degrees,
+    # the mean of the raw ones almost along the long vector.
+    features = torch.tensor([[10.0, 0.0], [0.0, 1.0], [0.0, -3.0], [-1.0, 0.0]])
+    labels = torch.tensor([5, 5, 6, 6])
+    weight = normalized_class_means(FakeData(features, labels, batch_size=3), lambda rows: rows, 5, 2)
+    half = 0.5**0.5
+    torch.testing.assert_close(weight, torch.tensor([[half, half], [-half, -half]]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["keeplora", "keeplora-plus"])
+@pytest.mark.parametrize("stream", ["mtil-order1", "mtil-order2"])
+def test_mtil_presets_select_the_mtil_codes_weight_basis(method, stream):
+    from ntkcl.methods.registry import get_method, validate_params
+    from ntkcl.presets import method_preset
+
+    params = validate_params(get_method(method), method_preset(method, stream).get("method", {}).get("params", {}))
+    assert params.weight_space == "output" and params.feature_matrix == "mean"
+    assert validate_params(get_method(method), {}).weight_space == "input"  # the paper's form stays an option

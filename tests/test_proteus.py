@@ -20,6 +20,8 @@ def tiny_proteus(num_tasks=3, **params) -> Proteus:
         TINY_BACKBONE["name"], pretrained=False, model_kwargs=TINY_BACKBONE["model_kwargs"], init_seed=0
     )
     torch.manual_seed(0)
+    # Orthogonal down-projections, so that every unit (not only the trained ones) shapes the update.
+    params.setdefault("down_init", "orthogonal_to_pool")
     method = Proteus(backbone, ProteusParams(added_units=RANK, alpha=ALPHA, projection_dim=16, **params))
     generator = torch.Generator().manual_seed(1)
     for index in range(num_tasks):
@@ -57,19 +59,60 @@ def test_composed_factors_give_the_weighted_pool_plus_the_new_units():
                 torch.testing.assert_close(ALPHA * up[task] @ down[task], expected, atol=1e-6, rtol=1e-5)
 
 
-def test_a_task_model_is_the_vit_with_its_update_added_to_q_and_v():
-    method = tiny_proteus()
-    images = torch.rand(3, 3, 32, 32)
+def reference_embedding(method: Proteus, task: int, images: torch.Tensor, scale: float) -> torch.Tensor:
+    """The stock timm ViT with `scale` x task's composed update added to its q and v weights."""
     reference = timm.create_model(TINY_BACKBONE["name"], num_classes=0, **TINY_BACKBONE["model_kwargs"])
     reference.load_state_dict(method.backbone.vit.state_dict())
     reference.eval()
     dim = 64
     with torch.no_grad():
         for block in range(method.depth):
-            reference.blocks[block].attn.qkv.weight[:dim] += update_by_hand(method, 1, 0, block)
-            reference.blocks[block].attn.qkv.weight[2 * dim :] += update_by_hand(method, 1, 1, block)
-        expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
-        torch.testing.assert_close(method.embed(images, [1])[0], expected, atol=1e-5, rtol=1e-5)
+            reference.blocks[block].attn.qkv.weight[:dim] += scale / ALPHA * update_by_hand(method, task, 0, block)
+            reference.blocks[block].attn.qkv.weight[2 * dim :] += scale / ALPHA * update_by_hand(method, task, 1, block)
+        return reference.forward_head(reference.forward_features(images), pre_logits=True)
+
+
+def test_a_task_model_is_the_vit_with_its_update_on_q_and_v_scaled_by_alpha_at_evaluation_only():
+    method = tiny_proteus()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        evaluated = method.eval().embed(images, [1])[0]
+        trained = method.train().embed(images, [1])[0]  # the tiny ViT has no dropout: train mode is deterministic
+    torch.testing.assert_close(evaluated, reference_embedding(method, 1, images, ALPHA), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trained, reference_embedding(method, 1, images, 1.0), atol=1e-5, rtol=1e-5)
+    method.params.alpha_in_training = True
+    with torch.no_grad():
+        torch.testing.assert_close(method.embed(images, [1])[0], evaluated, atol=1e-6, rtol=1e-6)
+
+
+def test_training_head_is_layernorm_and_linear_masked_to_the_task_with_plain_cross_entropy():
+    method = tiny_proteus().train()
+    head = method.task_head
+    assert head.weight.shape == (6, 64) and head.norm.eps == 1e-6 and method.train_head is None
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([4, 5, 5, 4])
+    output = method.training_step(images, labels)
+    embedding = method.embed(images, [2])[0]
+    full = F.linear(F.layer_norm(embedding, (64,), head.norm.weight, head.norm.bias, 1e-6), head.weight, head.bias)
+    masked = full.masked_fill(torch.arange(6) < 4, float("-inf"))
+    torch.testing.assert_close(output.logs["ce"], F.cross_entropy(masked, labels), atol=1e-6, rtol=1e-5)
+    output.loss.backward()
+    assert torch.count_nonzero(head.weight.grad[:4]) == 0 and torch.count_nonzero(head.weight.grad[4:]) > 0
+
+
+def test_new_units_start_with_a_zero_input_factor_and_a_small_random_output_factor():
+    backbone = create_backbone(
+        TINY_BACKBONE["name"], pretrained=False, model_kwargs=TINY_BACKBONE["model_kwargs"], init_seed=0
+    )
+    method = Proteus(backbone, ProteusParams(added_units=RANK, projection_dim=16))
+    torch.manual_seed(7)
+    method.begin_task(TaskInfo(0, 2, 0, 2))
+    torch.manual_seed(7)
+    units = method.tasks[0]
+    for projection in range(len(PROJECTIONS)):
+        for block in range(method.depth):
+            lora = units.lora(projection, block)
+            assert torch.count_nonzero(lora.down) == 0
+            torch.testing.assert_close(lora.up, 0.01 * torch.randn(64, RANK), rtol=0, atol=0)
 
 
 def test_stacked_task_forward_equals_one_pass_per_task():
@@ -110,7 +153,7 @@ def test_training_reaches_only_the_current_task_and_its_head():
     method.training_step(torch.rand(4, 3, 32, 32), torch.tensor([4, 5, 4, 5])).loss.backward()
     trained = {name for name, parameter in method.named_parameters() if parameter.grad is not None}
     assert trained == {name for name, parameter in method.named_parameters() if parameter.requires_grad}
-    assert all(name.startswith(("tasks.2.", "train_head.")) for name in trained)
+    assert all(name.startswith(("tasks.2.", "task_head.")) for name in trained)
     assert "tasks.2.combination" in trained and "tasks.2.q.0.down" in trained and "tasks.2.v.1.up" in trained
 
 
@@ -160,3 +203,23 @@ def test_own_class_cross_entropy_ignores_other_tasks_images():
     assert loss.item() == pytest.approx(expected) and accuracy.item() == 1.0
     none, _ = own_class_cross_entropy(logits, torch.tensor([0, 1, 2, 9]), first_class=3)
     assert none.item() == 0.0
+
+
+def test_batch_retrieval_picks_one_task_per_batch_on_constructed_gaussians():
+    from ntkcl.models.signatures import GaussianMixtureSignature
+
+    method = tiny_proteus(num_tasks=2, retrieval_unit="batch")
+    assert method.evaluates_per_task_batch
+    for centre in (0.0, 3.0):  # two unit Gaussians, each task's "model" the identity
+        signature = GaussianMixtureSignature(1, 64)
+        signature.set_parameters(torch.ones(1), torch.full((1, 64), centre), torch.eye(64).unsqueeze(0))
+        method.signatures.append(signature)
+    method.head.grow_to(4)
+    method.seen_classes = 4
+    rows = torch.zeros(4, 64)
+    rows[3] = 2.9  # one image nearer task 1, three at task 0's centre
+    method.embed = lambda images, tasks: rows.expand(len(tasks), -1, -1)
+    _, retrieved = method.predict_with_task(torch.zeros(4, 3, 32, 32))
+    assert retrieved.tolist() == [0, 0, 0, 0]
+    method.params.retrieval_unit = "image"
+    assert method.predict_with_task(torch.zeros(4, 3, 32, 32))[1].tolist() == [0, 0, 0, 1]

@@ -26,7 +26,9 @@ def _print_export_result(result: dict) -> None:
 
 
 def evaluate(
-    path: str = typer.Argument(..., help="A run directory, an export folder, or a Hub repo id (user/name)."),
+    path: str = typer.Argument(
+        ..., help="A run directory, a seed group folder, an export folder, or a Hub repo id (user/name)."
+    ),
     stream: str | None = typer.Option(
         None,
         "--stream",
@@ -51,6 +53,8 @@ def evaluate(
 
     A run directory: reload every task's checkpoint and recompute the accuracy matrix, A_T, mean incremental accuracy and forgetting.
 
+    A seed group folder (ntkcl train --seeds): recompute every member's, then print each metric as mean ± sample sd over the members.
+
     An export folder or Hub repo id: rebuild the model (base backbone from timm or --weights, its sha256 checked) and report its accuracy on the test classes of each exported task and A_T. The stream must be prepared; --stream scores it on another prepared dataset with the same classes.
     """
     _common.set_json(json_output)
@@ -58,6 +62,15 @@ def evaluate(
     from ntkcl.export.constants import CONFIG_NAME as EXPORT_CONFIG
 
     local = Path(path).expanduser()
+    from ntkcl.engine.groups import is_group
+
+    if is_group(local):
+        if stream is not None or revision is not None or weights is not None:
+            raise BadInputError("--stream, --revision and --weights apply to exports; a group is scored on its stream")
+        from ntkcl.cli._seed_groups import evaluate_group
+
+        evaluate_group(local, data_root, quiet, json_output)
+        return
     # A run folder stopped before run.json holds config.json alone; an export holds config.json beside its own.
     started_run = (local / rundir.RUN_FILE).is_file()
     if started_run or ((local / rundir.CONFIG_FILE).is_file() and not (local / EXPORT_CONFIG).is_file()):

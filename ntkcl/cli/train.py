@@ -119,6 +119,16 @@ def train(
     lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size."),
     seed: int | None = typer.Option(None, "--seed", help="Training seed (separate from the class order)."),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        metavar="0,1,2|0-4",
+        help="Train once per seed into the group folder OUT/GROUP/seed-K/; seed K is the training seed and the "
+        "class order seed. Finished members are skipped, started ones resumed.",
+    ),
+    group: str | None = typer.Option(
+        None, "--group", metavar="NAME", help="Group folder name under --out for --seeds (default STREAM-METHOD)."
+    ),
     device: str | None = _common.device_option(None, "Where to train (auto: a GPU when one is visible)."),
     precision: Precision | None = typer.Option(None, "--precision", help="auto: bf16 autocast on GPU, fp32 on CPU."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per process."),
@@ -164,6 +174,12 @@ def train(
     from ntkcl.presets import resolve_config
 
     processes = _process_overrides(gpus, nproc)
+    if seeds is not None and (seed is not None or class_order_seed is not None):
+        raise BadInputError(
+            "--seeds sets the training and class-order seeds of each member; drop --seed/--class-order-seed"
+        )
+    if group is not None and seeds is None:
+        raise BadInputError("--group names the folder of a seed group; give --seeds too")
     flags = {
         "stream": stream,
         "method": method,
@@ -187,14 +203,20 @@ def train(
     }
     if resume is not None:
         from ntkcl.engine import rundir
+        from ntkcl.engine.groups import is_group
 
-        run_dir = rundir.check_run_dir(resume, started=False)
+        if seeds is not None:
+            raise BadInputError("--resume continues one run or group; to add seeds, repeat the --seeds command")
         fixed = [name for name, value in flags.items() if value is not None and name not in RESUME_FLAGS]
         if fixed or config_file is not None or assignments or unset:
             raise BadInputError(
                 "--resume continues a run with its saved config; only --device, --num-workers, --data-root, "
                 "--gpus and --nproc may change"
             )
+        if is_group(resume):
+            _resume_group(resume, flags, processes, quiet, json_output)
+            return
+        run_dir = rundir.check_run_dir(resume, started=False)
         config = load_config(run_dir / rundir.CONFIG_FILE)
         overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
         config = validate(deep_merge(config.model_dump(mode="json"), overrides))
@@ -210,6 +232,13 @@ def train(
             from ntkcl.engine.builders import complete_config
 
             config = complete_config(config)
+    if seeds is not None:
+        from ntkcl.cli._seed_groups import check_group_name, default_group_name, train_seed_group
+        from ntkcl.engine.groups import parse_seeds
+
+        name = check_group_name(group) if group is not None else default_group_name(config)
+        train_seed_group(config, parse_seeds(seeds), out / name, quiet, json_output)
+        return
     from ntkcl.engine.launch import launch
     from ntkcl.engine.progress import Reporter
 
@@ -232,6 +261,19 @@ def train(
     if reference is not None:
         _common.stdout.print(reference, highlight=False)
     _common.stdout.print(f"run directory: {result.run_dir}", highlight=False)
+
+
+def _resume_group(path: Path, flags: dict, processes: dict, quiet: bool, json_output: bool) -> None:
+    """`--resume GROUP`: continue every member of the group with its saved configuration."""
+    from ntkcl.cli._seed_groups import train_seed_group
+    from ntkcl.engine.builders import complete_config
+    from ntkcl.engine.groups import Group
+
+    group = Group.load(path)
+    overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
+    # Completed like a new configuration: the placement fields the group file leaves out get this host's values.
+    config = complete_config(validate(deep_merge(group.configuration, overrides)))
+    train_seed_group(config, group.seeds, path, quiet, json_output)
 
 
 def register(app: typer.Typer) -> None:

@@ -290,7 +290,9 @@ def build_backbone(config: RunConfig) -> Backbone:
 
 def build_method(config: RunConfig, backbone: Backbone) -> ContinualMethod:
     method = get_method(config.method.name)
-    return method(backbone, validate_params(method, config.method.params))
+    built = method(backbone, validate_params(method, config.method.params))
+    built.train_batch_size = config.optim.batch_size
+    return built
 
 
 def build_run_transforms(config: RunConfig, backbone) -> tuple:

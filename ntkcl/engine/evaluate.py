@@ -1,7 +1,7 @@
 """Evaluation after each task and the end-of-task data view, both sharded without padding.
 
 Class-incremental streams are scored on the test images of every seen task, with `predict` over all seen
-classes. Task-incremental streams are scored task by task with `predict_task` (argmax within the task's own
+classes (in batches of one task's images each for a method that asks, `evaluates_per_task_batch`). Task-incremental streams are scored task by task with `predict_task` (argmax within the task's own
 classes): the seen tasks, or, for a method that predicts untrained tasks (`zero_shot`), every task of the
 stream, also once before the first task (`evaluate(..., upto=None)`: the zero-shot row).
 """
@@ -9,6 +9,7 @@ stream, also once before the first task (`evaluate(..., upto=None)`: the zero-sh
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -118,7 +119,13 @@ def evaluate(method: ContinualMethod, scoring: ScoringLoader, upto: TaskInfo | N
     retrieved_correct = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
     total = torch.zeros(num_tasks, dtype=torch.int64, device=ctx.device)
     retrieves = False
-    for images, labels in scoring.batches(stream.test, stream.test_indices(upto)):
+    if method.evaluates_per_task_batch:
+        batches = itertools.chain.from_iterable(
+            scoring.batches(stream.test, stream.task_test_indices(stream.task(index))) for index in range(num_tasks)
+        )
+    else:
+        batches = scoring.batches(stream.test, stream.test_indices(upto))
+    for images, labels in batches:
         with autocast_for(ctx.device, scoring.precision):
             logits, retrieved = method.predict_with_task(images)
         predictions = logits.float().argmax(dim=1)

@@ -238,6 +238,7 @@ class Trainer:
         # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
         with autocast_for(ctx.device, config.runtime.precision):
             self.method.prepare_task(task, TaskImages(self.scoring, task))
+        trainable = sum(parameter.numel() for parameter in self.method.parameters() if parameter.requires_grad)
         epochs = self._train(task, snapshot)
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
         self.method.eval()
@@ -245,7 +246,13 @@ class Trainer:
             diagnostics = self.method.end_task(task, TaskImages(self.scoring, task))
         scores = evaluate(self.method, self.scoring, task)
         seconds = time.perf_counter() - started
-        record = {"task": task.index, "counts": scores.counts, "epochs": epochs, "seconds": seconds}
+        record = {
+            "task": task.index,
+            "counts": scores.counts,
+            "epochs": epochs,
+            "seconds": seconds,
+            "trainable_parameters": trainable,
+        }
         if scores.retrieval is not None:
             record["retrieval"] = scores.retrieval
         if diagnostics:

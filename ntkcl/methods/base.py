@@ -37,6 +37,14 @@ name (`training_step(images, labels, stage)`), back-propagates (DDP all-reduces 
 calls `adjust_gradients(stage)` and steps the optimizer. Only the parameters a stage's loss reaches have a
 gradient at its step, so the others are left alone (no momentum or weight-decay update) by SGD and Adam.
 
+The engine sets `train_batch_size` (the run's global `optim.batch_size`) before the first task, for a method
+whose reference reads its configured batch size inside the loss (NTK-CL samples that many old prototypes,
+also on a task's last, partial batch); None outside a run.
+
+A method whose `evaluates_per_task_batch` is true is handed evaluation batches that each hold test images
+of one task only (PROTEUS retrieving one task per test batch); other methods get batches over all seen
+tasks' images.
+
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
 modules; `training_only` marks the part needed to continue training but not to predict). Methods never
 import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.
@@ -255,6 +263,7 @@ class ContinualMethod(nn.Module, ABC):
         self.params = params
         self.seen_classes = 0
         self.stream_tasks: tuple[TaskInfo, ...] = ()
+        self.train_batch_size: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -319,6 +328,11 @@ class ContinualMethod(nn.Module, ABC):
         if task.total_classes > self.seen_classes:
             raise RuntimeError(f"{self.name} cannot classify task {task.index} before training it (no zero-shot)")
         return self.predict(images)[:, task.known_classes : task.total_classes]
+
+    @property
+    def evaluates_per_task_batch(self) -> bool:
+        """Whether evaluation must give `predict_with_task` batches of one task's test images (default: no)."""
+        return False
 
     def predict_with_task(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and, for a method that retrieves a task for each image, the retrieved task indices (B,).

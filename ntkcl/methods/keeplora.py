@@ -19,16 +19,24 @@ GPM-style growth by the new directions of the features entering the weight (99 %
 Options for the places where the reference and the paper differ, or where the reference is unusual, each
 named; the defaults are marked:
 
-* `weight_space`: "input" (default; the paper's formula and the reference's LLaVA code: the left singular
-  vectors of Wᵀ) or "output" (the MTIL code: the left singular vectors of PyTorch's W, used as an input-space
-  projector; the shapes only agree because CLIP's attention weights are square).
+* `weight_space`: "input" (the default: the paper's formula and the reference's LLaVA code, the left
+  singular vectors of Wᵀ; mathematically consistent and defined for any weight shape) or "output" (the MTIL
+  code: the left singular vectors of PyTorch's (out x in) W, used as an input-space projector; the shapes
+  only agree because CLIP's attention weights are square). The `mtil-order1` / `mtil-order2` presets select
+  "output" with `feature_matrix="mean"`, the published MTIL setting.
 * `feature_matrix`: "mean" (default; the reference keeps the element-wise running mean over batches of the
   per-batch token matrices, d_in x (batch x tokens), so the batch size `feature_batch_size` shapes it) or
   "covariance" (Σ x xᵀ over every token / their number).
 
+The gradient estimate averages over every training image of the task, once each (test-time transforms). The
+reference's estimate runs a shuffled loader with `drop_last`, so a random remainder of fewer than a batch of
+images is skipped and the estimate depends on the shuffle; using all images is deterministic, and the two
+differ only by that remainder.
+
 KeepLoRA+ adds, per dataset, a cosine classifier (scale 30) over normalised image features, initialised with
-the normalised class means of the task's training features after the LoRA initialisation and trained with B;
-its logits are added to the zero-shot logits of the datasets already trained.
+the class means of the task's L2-normalised image features, normalised again, after the LoRA initialisation
+(the reference's order) and trained with B; its logits are added to the zero-shot logits of the datasets
+already trained.
 
 Saved per run: the merged deltas of the adapted weights and the protected bases (and KeepLoRA+'s classifiers);
 a model is rebuilt as the pre-trained CLIP plus these deltas.
@@ -64,7 +72,9 @@ class KeepLoRAParams(LoRAParams):
     visual_weight_threshold: float = Field(0.85, gt=0, le=1, description="ε_w of the image encoder's weights")
     text_weight_threshold: float = Field(0.2, gt=0, le=1, description="ε_w of the text encoder's weights")
     feature_threshold: float = Field(0.99, gt=0, le=1, description="ε_f of the GPM update")
-    weight_space: Literal["input", "output"] = Field("input", description="input: the paper; output: the MTIL code")
+    weight_space: Literal["input", "output"] = Field(
+        "input", description="input: the paper and LLaVA code; output: the MTIL code (the mtil-order presets)"
+    )
     feature_matrix: Literal["mean", "covariance"] = Field(
         "mean", description="mean: the reference's running mean of per-batch token matrices; covariance: Σ x xᵀ / n"
     )
@@ -291,6 +301,12 @@ class KeepLoRA(SequentialLoRA):
         super().load_learned_state(state, finished)
 
 
+def normalized_class_means(data: TaskData, feature_fn, first_class: int, num_classes: int) -> torch.Tensor:
+    """KeepLoRA+'s initial classifier: per class, the mean of the L2-normalised features, normalised again."""
+    means = class_means(data, lambda images: F.normalize(feature_fn(images).float(), dim=-1), first_class, num_classes)
+    return F.normalize(means, dim=-1)
+
+
 class KeepLoRAPlusParams(KeepLoRAParams):
     classifier_scale: float = Field(30.0, gt=0, description="scale of the per-dataset cosine classifier")
 
@@ -316,8 +332,8 @@ class KeepLoRAPlus(KeepLoRA):
     def prepare_task(self, task: TaskInfo, data: TaskData) -> None:
         super().prepare_task(task, data)
         with torch.no_grad():
-            means = class_means(data, self.backbone, task.known_classes, task.num_new_classes)
-            self.classifiers[str(task.index)].weight.copy_(F.normalize(means, dim=-1))
+            means = normalized_class_means(data, self.backbone, task.known_classes, task.num_new_classes)
+            self.classifiers[str(task.index)].weight.copy_(means)
 
     def task_logits(self, features: torch.Tensor, task: TaskInfo) -> torch.Tensor:
         return super().task_logits(features, task) + self.classifiers[str(task.index)](features).float()

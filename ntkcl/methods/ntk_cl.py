@@ -14,8 +14,16 @@ task's parameters. Prediction is a section-weighted cosine similarity between m 
 The reference has behaviours that look like mistakes; each is reproduced by default and has a named option
 for the corrected variant: `orth_loss` (signed sum of residuals vs the squared projection onto the old
 subspace), `orth_basis` (SVD of the partly or wholly zero prototype matrix vs old prototypes only),
-`mi_sign` (the reference maximises its InfoNCE quantity), `average_after_last_task`, and `fusion`
-(degenerate single-token attention vs attention over feature sections).
+`mi_sign` (the reference maximises its InfoNCE quantity), `average_after_last_task`, `fusion`
+(degenerate single-token attention vs attention over feature sections) and `proxy_head_width` (after task 0
+the reference's proxy head has `increment` outputs, more than a smaller remainder task has classes).
+
+The contrastive term stacks the batch's fused features with up to `batch_size` (the run's global batch, not
+the step's image count, so a task's last partial batch draws as many) randomly chosen old prototypes, the
+prototype rows except the last `increment`; where there are none (task 0) it is the InfoNCE over the batch
+alone, non-zero whenever a label repeats in the batch. The fusion's query and key never reach the loss
+(single-key softmax), yet the reference's SGD still applies weight decay and momentum to them: they get a
+zero gradient before every step (`adjust_gradients`), so they decay as there.
 
 Under DDP every term equals the one-process step except the contrastive one: its negatives are the rank's
 own images and sampled prototypes (the reference's DataParallel gathers the whole batch first).
@@ -65,6 +73,11 @@ class NTKCLParams(MethodParams):
     mi_sign: Literal["reference", "contrastive"] = "reference"
     average_after_last_task: bool = False
     fusion: Literal["reference", "sections"] = "reference"
+    proxy_head_width: Literal["increment", "task"] = Field(
+        "increment",
+        description="outputs of the per-task proxy head after task 0. increment: the stream's increment, as the "
+        "reference (a smaller remainder task keeps the extra logits); task: the task's own class count",
+    )
     execution: Literal["fast", "sequential"] = Field(
         "fast",
         description="how the same features and loss are computed. fast: frozen passes without autograd, "
@@ -250,11 +263,18 @@ class NTKCL(ContinualMethod):
     def begin_task(self, task: TaskInfo) -> None:
         self._task = task
         self.prototypes.grow(task.total_classes - self.prototypes.num_classes)
-        self.proxy_head = CosineLinear(self.feature_dim, task.num_new_classes).to(self.device)
+        self.proxy_head = CosineLinear(self.feature_dim, self.proxy_head_width(task)).to(self.device)
         # The L2 anchor is the current copy and fusion as they stand when the task starts, i.e. at the end of
         # the previous task (at task 0: the initial values), flattened so the pull is a handful of kernels.
         self._anchor = torch.cat([weight.detach().reshape(-1).float() for weight in self._regularised])
         self._basis = None if self.params.execution == "sequential" else self._orthogonality_basis()
+
+    def proxy_head_width(self, task: TaskInfo) -> int:
+        """Task 0: its classes; later: the stream's increment (at least the task's classes), or the task's
+        classes with `proxy_head_width="task"`."""
+        if task.is_first or self.params.proxy_head_width == "task" or task.increment is None:
+            return task.num_new_classes
+        return max(task.increment, task.num_new_classes)
 
     def _orthogonality_basis(self) -> torch.Tensor | None:
         old = self._task.known_classes if self._task is not None else 0
@@ -269,9 +289,8 @@ class NTKCL(ContinualMethod):
         task = self._task
         increment = task.increment or task.num_new_classes
         old_rows = max(self.prototypes.num_classes - increment, 0)
-        if old_rows == 0:
-            return torch.zeros((), device=fused.device)
-        chosen = torch.randperm(old_rows, device=fused.device)[: len(labels)]
+        sampled = self.train_batch_size or len(labels)
+        chosen = torch.randperm(old_rows, device=fused.device)[:sampled]
         stacked = torch.cat([fused.float(), self.prototypes.prototypes[chosen]])
         stacked_labels = torch.cat([labels, chosen])
         nce = info_nce(stacked, stacked_labels, self.params.nce_temperature)
@@ -313,6 +332,15 @@ class NTKCL(ContinualMethod):
         # The reference's signed sum grows with the batch: logged per image, back-propagated as a batch sum.
         logs["orth"] = orthogonality.detach() / len(labels)
         return StepOutput(loss, logs, batch_sum=params.orth_weight * orthogonality)
+
+    def adjust_gradients(self, stage: str) -> None:
+        """A zero gradient for the fusion's query and key where the loss does not reach them, so that SGD's
+        weight decay and momentum update them as the reference's (whose graph reaches them with gradient 0)."""
+        if self.params.model_name != "both":
+            return
+        for parameter in (*self.fusion.query.parameters(), *self.fusion.key.parameters()):
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
 
     @torch.no_grad()
     def average_copies(self, task_index: int) -> None:

@@ -2,54 +2,68 @@
 Retrieval", arXiv 2603.13235 — a reconstruction.
 
 The paper has no public code and its method section could not be read; what is known (the abstract, the
-public reviews, and the configuration and checkpoint layout of the authors' precursor code) is gathered in
-the project's reference notes, §C. This module builds what those facts describe and makes every choice they
-leave open explicit, with an option where one is reasonable:
+public reviews, and the configurations and code of the authors' precursor, HESTIA's `baselines/RanPAC`) is
+gathered in the project's reference notes, §C (§C.7: what the precursor's code pins down). This module
+follows the precursor wherever its code decides, and makes every choice it leaves open explicit, with an
+option where one is reasonable (defaults first):
 
 1. **Per-task LoRA with adaptive module composition** on q and v of the first `lora_depth` blocks of a
    stock timm ViT. Task k owns `added_units` new rank-one units per block and projection (a `LoRA` of that
    rank) and weights over the earlier tasks' units (the "pool"); its update is
 
-       ΔW_k = alpha * ( Σ_{u in pool} w_{k,u} U_u D_u  +  U_new D_new ).
+       ΔW_k = s * ( Σ_{u in pool} w_{k,u} U_u D_u  +  U_new D_new ),
 
-   Facts: pool/new units and per-task composition weights W_Q, W_V are what the precursor checkpoints hold;
-   `added_units` 4, `alpha` 0.3, `reg_weight` 0.006, `ortho_weight` 0 are its configuration; the reviews
-   describe a learned selective combination with l1/l2 regularisation plus a new component orthogonal to
-   the previous ones; the precursor has `ortho_loss(A, B) = ‖AᵀB‖²_F`. Choices (options in brackets):
-   one weight per earlier rank-one unit, per block and projection, initialised at `combination_init` (1.0:
-   a task starts from the sum of the earlier units); the penalty is `reg_weight` times the elastic net
-   Σ|w| + Σw² [`combination_penalty`: l1+l2, l1, l2]; new down-projections start orthonormal and
-   orthogonal to the pool's [`down_init`: orthogonal_to_pool, orthogonal, kaiming]; the orthogonality
+   with s = 1 in training and s = `alpha` at evaluation and retrieval, as the precursor (its training call
+   passes no α) [`alpha_in_training` scales by α in training too]. New units start with the input factor
+   D = 0 and the output factor U ~ N(0, 1) x 0.01, as the precursor [`down_init`: orthogonal_to_pool,
+   orthogonal, kaiming down-projections with U = 0]. Facts: pool/new units and per-task composition weights
+   W_Q, W_V are what the precursor checkpoints hold; `added_units`, `alpha`, `reg_weight` 0.006,
+   `ortho_weight` 0 are its configuration; the reviews describe a learned selective combination with l1/l2
+   regularisation plus a new component orthogonal to the previous ones; the precursor has
+   `ortho_loss(A, B) = ‖AᵀB‖²_F`. Choices: one weight per earlier rank-one unit, per block and projection,
+   initialised at `combination_init` (1.0: a task starts from the sum of the earlier units); the penalty is
+   `reg_weight` times the elastic net Σ|w| + Σw² [`combination_penalty`: l1+l2, l1, l2]; the orthogonality
    term is `ortho_weight` Σ‖D_pool D_newᵀ‖²_F on the down-projections (as O-LoRA), zero by default as in
-   the precursor, so orthogonality holds at initialisation and is then free; alpha scales the update in
-   training as well as at use [`alpha_in_training`]; each task trains a fresh cosine head over its own
-   classes with cross-entropy and `label_smoothing` (0.1, the precursor's field); units of finished tasks
-   are frozen.
-2. **Parameter-free task retrieval.** After task k its training images, embedded by task k's model (the
-   CLS feature), are fitted with scikit-learn's `BayesianGaussianMixture` (Dirichlet-process weight prior,
-   `n_components` truncation per task, `weight_concentration_prior`), kept as tensors (see
-   `ntkcl.models.signatures`). At test time every stored task's model embeds the image, in one backbone
-   pass over the image stacked T times with the T tasks' composed LoRA factors; each embedding is scored
-   under its task's mixture with covariances + `score_epsilon` I (1e-4, the precursor's scoring), and the
-   highest score picks the task. Choices: the score is the mixture log-likelihood [`retrieval_score`:
-   mixture, or the best single component without weights, closer to the precursor's per-component
-   means/covariances]; only components owning a training image are kept [`prune_components`]; full
-   covariances [`covariance_type`]; scikit-learn's defaults otherwise (`gmm_max_iter` 100, `gmm_reg_covar`
-   1e-6, k-means initialisation seeded per task; `gmm_threads`).
-3. **Head.** RanPAC's random projection (M = `projection_dim`) and ridge read-out, accumulated over tasks
+   the precursor; units of finished tasks are frozen.
+2. **Training head.** As the precursor: one LayerNorm + linear head (timm's `fc_norm` + `head`) over all
+   classes, grown per task and kept across tasks, its logits masked to the task's classes, trained with
+   plain cross-entropy (the precursor's `smoothing` field is never read) [`train_head="cosine"`: a fresh
+   cosine head per task; `label_smoothing`]. The head serves training only (kept in checkpoints to continue
+   training, left out of exports).
+3. **Parameter-free task retrieval.** After task k its training images, embedded by task k's model (the
+   CLS feature, scaled by α), are fitted with scikit-learn's `BayesianGaussianMixture` (Dirichlet-process
+   weight prior, `n_components` truncation per task, `weight_concentration_prior`); as the precursor, each
+   component keeps the empirical mean and full covariance of the embeddings assigned to it
+   [`signature_statistics="mixture"`: scikit-learn's fitted weights, means and covariances], stored as
+   tensors (see `ntkcl.models.signatures`). At test time every stored task's model embeds the image, in one
+   backbone pass over the image stacked T times with the T tasks' composed LoRA factors; each embedding is
+   scored under its task's components as N(mean, cov + `score_epsilon` I) (1e-4), the best component
+   deciding, without weights, as the precursor [`retrieval_score="mixture"`: the weighted mixture
+   log-likelihood], and the highest score picks the task. `retrieval_unit="image"` retrieves a task per
+   test image (the honest setting); `"batch"` retrieves one task per test batch, each batch holding one
+   task's images, by the highest summed score of its images (the precursor's protocol assigns one task to
+   a whole batch of 16 images of one task; how it combines them is not in its stored code). The run records
+   which (`retrieval_unit` in the task diagnostics and the config). Choices: components owning no training
+   image are dropped [`prune_components`, for the mixture statistics]; full covariances
+   [`covariance_type`]; scikit-learn's defaults otherwise (`gmm_max_iter` 100, `gmm_reg_covar` 1e-6,
+   k-means initialisation seeded per task; `gmm_threads`).
+4. **Head.** RanPAC's random projection (M = `projection_dim`) and ridge read-out, accumulated over tasks
    with each task's images embedded by its own model (`ntkcl.models.heads.RandomProjectionRidge`); the
    retrieved task's embedding is classified over all seen classes [`restrict_to_retrieved_task` masks the
    logits to that task's classes].
-4. **Mixed training sets** (VTAB-SimS, where a task's images include other tasks' classes): those images are
-   left out of the task head's cross-entropy but enter the task's signature and the ridge head (with their
-   own labels), so each task's LoRA learns its own classes and its signature covers all it was given.
-5. **Diagnostics.** After task k, the cluster-separation factor δ of the retrieval bound (see
-   `ntkcl.models.signatures`) is measured on what a rehearsal-free learner has: task k's training images,
-   clustered by its own mixture, embedded by every earlier task's model and compared with that task's
-   components. `separation_factor` is the minimum over the earlier tasks, `separation_so_far` the minimum
-   over every task so far (the δ of the bound for the signatures stored), `own_cluster_factor` the same
-   quantity for the images' own components (about 0 for Gaussian clusters). [`separation_diagnostic`
-   skips the extra embedding passes.] Retrieval accuracy on the test images is reported by the engine.
+5. **Mixed training sets** (VTAB-SimS, where a task's images include other tasks' classes): those images are
+   left out of the task's cross-entropy but enter the task's signature and the ridge head (with their own
+   labels), so each task's LoRA learns its own classes and its signature covers all it was given.
+6. **Diagnostics.** After task k, for every cluster (component) of its signature, the retrieval bound's
+   terms as the precursor's `theories.py` computes them (`ntkcl.models.signatures.retrieval_bound`): δ, the
+   smallest centroid Mahalanobis factor of the cluster's images, embedded by another task's model, to that
+   task's components (raw covariances) / d − 1; κ, the smallest log-det ratio of those components'
+   covariances to the cluster's; the Eq. (28) threshold with N = (T − 1) Σ τ + 1 and ε = `bound_epsilon`;
+   and whether δ > threshold. `theories.py` compares against every other task after the whole stream; a
+   rehearsal-free run has task k's images only, so "other" means the earlier tasks here
+   (`separation_by_task`, `separation_factor` their minimum, `separation_so_far` over every task so far).
+   [`separation_diagnostic` skips the extra embedding passes.] Retrieval accuracy on the test images is
+   reported by the engine.
 """
 
 from __future__ import annotations
@@ -74,26 +88,36 @@ from ntkcl.methods.base import (
     own_class_cross_entropy,
 )
 from ntkcl.models.backbone import FUSED_QKV_ATTENTION, PRE_NORM_BLOCKS, VIT_TOKENS, Backbone
-from ntkcl.models.heads import CosineLinear, RandomProjectionRidge
+from ntkcl.models.heads import CosineLinear, NormLinearHead, RandomProjectionRidge
 from ntkcl.models.lora import LoRA, lora_block_forward, orthogonal_rows, pack_qkv, stacked_low_rank
-from ntkcl.models.signatures import GaussianMixtureSignature, cluster_distance_sums, separation_factor
+from ntkcl.models.signatures import GaussianMixtureSignature, RawComponents, retrieval_bound, separation_factors
 
 PROJECTIONS = ("q", "v")
 
 
 class ProteusParams(MethodParams):
-    """Defaults are the precursor configuration's (CIFAR-100) where it has a value; see the module docstring."""
+    """Defaults are the precursor's (its code, and its CIFAR-100 configuration) where it has a value; see the
+    module docstring."""
 
     added_units: int = Field(4, ge=1, description="rank of each task's new LoRA component")
-    alpha: float = Field(0.3, description="LoRA output scale")
-    alpha_in_training: bool = Field(True, description="scale by alpha while training too (else 1 in training)")
+    alpha: float = Field(0.3, description="LoRA output scale at evaluation and retrieval")
+    alpha_in_training: bool = Field(False, description="scale by alpha while training too (the precursor: 1)")
     lora_depth: int | None = Field(None, ge=1, description="adapted blocks from the first; null = all")
     combination_init: float = Field(1.0, description="initial weight of every earlier unit")
     combination_penalty: Literal["l1+l2", "l1", "l2"] = "l1+l2"
     reg_weight: float = Field(0.006, ge=0, description="weight of the combination penalty")
     ortho_weight: float = Field(0.0, ge=0, description="weight of Σ‖D_pool D_newᵀ‖²_F")
-    down_init: Literal["orthogonal_to_pool", "orthogonal", "kaiming"] = "orthogonal_to_pool"
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    down_init: Literal["zeros", "orthogonal_to_pool", "orthogonal", "kaiming"] = Field(
+        "zeros",
+        description="zeros: input factor 0 and output factor random x 0.01 (the precursor); otherwise that "
+        "down-projection and a zero output factor",
+    )
+    train_head: Literal["layernorm_linear", "cosine"] = Field(
+        "layernorm_linear",
+        description="layernorm_linear: one LayerNorm + linear head over all classes, masked to the task's "
+        "(the precursor); cosine: a fresh cosine head per task",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="0: plain cross-entropy (the precursor)")
     n_components: int | list[int] = Field(20, description="DP truncation: one value, or one per task")
     weight_concentration_prior: float = Field(0.1, gt=0)
     covariance_type: Literal["full", "diag"] = "full"
@@ -101,13 +125,24 @@ class ProteusParams(MethodParams):
     gmm_reg_covar: float = Field(1e-6, gt=0)
     gmm_threads: int | None = Field(None, ge=1, description="threads of the scikit-learn fit; null = all")
     prune_components: bool = True
+    signature_statistics: Literal["empirical", "mixture"] = Field(
+        "empirical",
+        description="empirical: each component's mean and covariance of its assigned embeddings (the "
+        "precursor); mixture: scikit-learn's fitted weights, means and covariances",
+    )
     score_epsilon: float = Field(1e-4, gt=0, description="covariance regulariser when scoring")
-    retrieval_score: Literal["mixture", "best_component"] = "mixture"
+    retrieval_score: Literal["mixture", "best_component"] = "best_component"
+    retrieval_unit: Literal["image", "batch"] = Field(
+        "image",
+        description="image: a task retrieved per test image; batch: one task per test batch of one task's "
+        "images (the precursor's protocol)",
+    )
     restrict_to_retrieved_task: bool = False
     projection_dim: int = Field(10_000, ge=1, description="M, width of the random projection")
     train_fraction: float = Field(0.8, gt=0, lt=1, description="fitting share of the split that chooses λ")
     tasks_per_pass: int = Field(0, ge=0, description="task models per stacked backbone pass; 0 = all at once")
     separation_diagnostic: bool = True
+    bound_epsilon: float = Field(0.01, gt=0, lt=1, description="ε of the retrieval bound's threshold")
 
 
 class TaskUnits(nn.Module):
@@ -142,7 +177,7 @@ class Proteus(ContinualMethod):
     mixed_task_data = True
     required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS, FUSED_QKV_ATTENTION)
     transient = ("train_head",)
-    training_only = tuple(f"head.{name}" for name in RandomProjectionRidge.TRAINING_ONLY)
+    training_only = (*(f"head.{name}" for name in RandomProjectionRidge.TRAINING_ONLY), "task_head.")
     citation = (
         "@article{le2026proteus, title={Continual Fine-Tuning with Provably Accurate and Parameter-Free Task "
         "Retrieval}, author={Le, Hang Thi-Thuy and Bui, Long Minh and Hoang, Minh and Hoang, Trong Nghia}, "
@@ -162,6 +197,8 @@ class Proteus(ContinualMethod):
         self.register_buffer("separation", torch.zeros(0, dtype=torch.float64))
         self.head = RandomProjectionRidge(backbone.embed_dim, params.projection_dim, params.train_fraction)
         self.train_head: CosineLinear | None = None
+        # Trained with every task, used by none at prediction: kept to continue training, left out of exports.
+        self.task_head = NormLinearHead(backbone.embed_dim) if params.train_head == "layernorm_linear" else None
         self._class_ranges: list[tuple[int, int]] = []
         self._seed = 0
 
@@ -190,6 +227,10 @@ class Proteus(ContinualMethod):
                 per_projection.append((down.expand(len(tasks), -1, -1), up.unsqueeze(0) * weights.unsqueeze(1)))
             factors.append(per_projection)
         return factors
+
+    @property
+    def evaluates_per_task_batch(self) -> bool:
+        return self.params.retrieval_unit == "batch"
 
     def _alpha(self) -> float:
         return self.params.alpha if self.params.alpha_in_training or not self.training else 1.0
@@ -222,13 +263,17 @@ class Proteus(ContinualMethod):
             outputs.append(features.view(len(chunk), len(images), -1))
         return torch.cat(outputs)
 
-    def _initial_down(self, units: TaskUnits) -> None:
-        """New down-projections: orthonormal rows orthogonal to the pool's (or plain orthogonal / kaiming)."""
+    def _initialise_units(self, units: TaskUnits) -> None:
+        """New units: input factor 0 and output factor N(0, 1) x 0.01 (the precursor), or down-projections with
+        orthonormal rows orthogonal to the pool's (or plain orthogonal / kaiming) and a zero output factor."""
         mode = self.params.down_init
         with torch.no_grad():
             for projection in range(len(PROJECTIONS)):
                 for block in range(self.depth):
                     lora = units.lora(projection, block)
+                    if mode == "zeros":
+                        lora.up.copy_(0.01 * torch.randn(lora.up.shape))
+                        continue
                     if mode == "kaiming":
                         nn.init.kaiming_uniform_(lora.down, a=math.sqrt(5))
                         continue
@@ -243,15 +288,19 @@ class Proteus(ContinualMethod):
                     lora.down.copy_(rows)
 
     # ----------------------------------------------------------------------------------------- hooks
-    def _max_components(self, task: TaskInfo) -> int:
+    def _truncations(self, num_tasks: int) -> list[int]:
+        """Every task's component truncation τ (`n_components`, one value or one per task)."""
         value = self.params.n_components
         if isinstance(value, int):
-            return value
-        if len(value) != task.num_tasks:
+            return [value] * num_tasks
+        if len(value) != num_tasks:
             raise BadInputError(
-                f"method.params.n_components lists {len(value)} values; the stream has {task.num_tasks} tasks"
+                f"method.params.n_components lists {len(value)} values; the stream has {num_tasks} tasks"
             )
-        return value[task.index]
+        return list(value)
+
+    def _max_components(self, task: TaskInfo) -> int:
+        return self._truncations(task.num_tasks)[task.index]
 
     def begin_task(self, task: TaskInfo) -> None:
         self._max_components(task)
@@ -260,14 +309,17 @@ class Proteus(ContinualMethod):
         units = TaskUnits(
             dim, self.depth, params.added_units, params.added_units * len(self.tasks), params.combination_init
         )
-        self._initial_down(units)
+        self._initialise_units(units)
         self.tasks.append(units.to(self.device))
         self.separation = torch.cat([self.separation, self.separation.new_full((1,), float("nan"))])
         self.head.grow_to(task.total_classes)
         self._class_ranges.append((task.known_classes, task.total_classes))
         # Drawn from the engine's per-task seed: the same on every process and on resume.
         self._seed = int(torch.randint(2**31 - 1, ()))
-        self.train_head = CosineLinear(dim, task.num_new_classes).to(self.device)
+        if self.task_head is not None:
+            self.task_head.grow_to(task.total_classes)
+        else:
+            self.train_head = CosineLinear(dim, task.num_new_classes).to(self.device)
 
     def _orthogonality(self, units: TaskUnits) -> torch.Tensor:
         """Σ over blocks and projections of ‖D_pool D_newᵀ‖²_F (zero for the first task)."""
@@ -284,8 +336,12 @@ class Proteus(ContinualMethod):
         params = self.params
         current = len(self.tasks) - 1
         units = self.tasks[current]
-        logits = self.train_head(self.embed(images, [current])[0])
-        first_class = self._class_ranges[current][0]
+        embedding = self.embed(images, [current])[0]
+        first_class, last_class = self._class_ranges[current]
+        if self.task_head is not None:
+            logits = self.task_head(embedding, first_class, last_class)
+        else:
+            logits = self.train_head(embedding)
         cross_entropy, accuracy = own_class_cross_entropy(logits, labels, first_class, params.label_smoothing)
         penalty = combination_penalty(units.combination, params.combination_penalty)
         orthogonality = self._orthogonality(units)
@@ -313,6 +369,7 @@ class Proteus(ContinualMethod):
             prune=params.prune_components,
             epsilon=params.score_epsilon,
             threads=params.gmm_threads,
+            statistics=params.signature_statistics,
         )
         self.signatures.append(signature)
         self.head.grow_to(int(gather_rows(data, labels, positions).max()) + 1)  # mixed sets: later tasks' labels
@@ -324,36 +381,50 @@ class Proteus(ContinualMethod):
             "gmm_converged": fit.converged,
             "gmm_fit_seconds": fit.seconds,
             "ridge": ridge,
+            "retrieval_unit": params.retrieval_unit,
         }
         if params.separation_diagnostic:
-            diagnostics.update(self._separation(features, signature, data))
+            embedded = gather_rows(data, features, positions)
+            diagnostics.update(self._separation(task, embedded, fit.clusters, signature))
         return diagnostics
 
-    def _separation(self, features: torch.Tensor, signature: GaussianMixtureSignature, data: TaskData) -> dict:
-        """δ of the new task's clusters against every earlier task's components (see the module docstring)."""
-        current, dim = len(self.signatures) - 1, signature.dim
-        own = features[:, -1]
-        clusters = signature.assign(own)
+    def _separation(
+        self, task: TaskInfo, embedded: torch.Tensor, clusters: torch.Tensor, signature: GaussianMixtureSignature
+    ) -> dict:
+        """δ, κ and the Eq. (28) threshold of every cluster of the new task against the earlier tasks' components
+        (`ntkcl.models.signatures.retrieval_bound`; see the module docstring).
 
-        def factor_against(
-            other: GaussianMixtureSignature, embedded: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            sums, counts = cluster_distance_sums(
-                other.squared_mahalanobis(embedded), clusters, signature.num_components
+        Args:
+            embedded: (N, T', d) every training image of the task under each earlier model and its own (last).
+            clusters: (N,) each image's component of the new signature.
+        """
+        current = task.index
+        others = [RawComponents.of(self.signatures[b]) for b in range(current)]
+        own_log_dets = RawComponents.of(signature).log_dets
+        truncations = self._truncations(task.num_tasks)
+        records, by_task = [], [float("nan")] * current
+        for cluster in range(signature.num_components):
+            members = embedded[clusters == cluster]
+            if not len(members):
+                continue
+            views = [members[:, b] for b in range(current)]
+            bound = retrieval_bound(
+                views, others, float(own_log_dets[cluster]), task.num_tasks, truncations, self.params.bound_epsilon
             )
-            return data.all_reduce_sum(sums), data.all_reduce_sum(counts)
-
-        own_sums, counts = factor_against(signature, own)
-        own_factor = float(own_sums.diagonal().sum() / counts.sum() / dim - 1)
-        by_task = [separation_factor(*factor_against(self.signatures[b], features[:, b]), dim) for b in range(current)]
-        if by_task:
-            self.separation[current] = min(by_task)
+            records.append({"cluster": cluster, "images": len(members), **bound.as_record()})
+            for b in range(current):
+                factor = float(separation_factors([views[b]], [others[b]]).min())
+                by_task[b] = factor if math.isnan(by_task[b]) else min(by_task[b], factor)
+        finite = [value for value in by_task if math.isfinite(value)]
+        if finite:
+            self.separation[current] = min(finite)
         known = self.separation[~torch.isnan(self.separation)]
         return {
-            "own_cluster_factor": own_factor,
-            "separation_by_task": by_task,
-            "separation_factor": min(by_task) if by_task else None,
+            "separation_by_task": [value if math.isfinite(value) else None for value in by_task],
+            "separation_factor": min(finite) if finite else None,
             "separation_so_far": float(known.min()) if len(known) else None,
+            "clusters_satisfying_bound": sum(record["satisfied"] for record in records),
+            "clusters": records,
         }
 
     def _scores(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -368,7 +439,12 @@ class Proteus(ContinualMethod):
     @torch.no_grad()
     def predict_with_task(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = self.embed(images, list(range(len(self.signatures))))
-        retrieved = self._scores(embeddings).argmax(dim=0)
+        scores = self._scores(embeddings)
+        if self.params.retrieval_unit == "batch":
+            # One task for the whole batch: the highest joint score of its images (their summed log-densities).
+            retrieved = scores.sum(dim=1).argmax().expand(len(images))
+        else:
+            retrieved = scores.argmax(dim=0)
         logits = self.head(embeddings[retrieved, torch.arange(len(images), device=images.device)])
         logits = logits[:, : self.seen_classes]
         if self.params.restrict_to_retrieved_task:

@@ -2,8 +2,10 @@
 
 The official code writes A as multi-head attention with queries from p and keys/values from c, but each
 "sequence" has a single element, so the softmax is exactly 1 and A(c, p) = W_v c + b_v with the attention
-dropout acting as a per-head dropout of the value output. `mode="reference"` computes exactly that (the
-query and key projections exist, are regularised, and receive no gradient, as in the reference).
+dropout acting as a per-head dropout of the value output. `mode="reference"` computes exactly that. The
+query and key projections exist and are regularised; the loss's gradient reaches them as exactly 0 in the
+reference, where SGD's weight decay and momentum still move them every step (NTK-CL hands them a zero
+gradient for that).
 `mode="sections"` is the corrected variant: the width-d sections of c and p are the tokens, so the
 attention over them is a real softmax.
 """

@@ -31,6 +31,41 @@ class CosineLinear(nn.Module):
         return self.sigma * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
 
 
+class NormLinearHead(nn.Module):
+    """logits = W LayerNorm(x) + b over a growing set of classes: a timm ViT's `fc_norm` + `head`.
+
+    Rows are appended per task, initialised as timm initialises a ViT head (truncated normal, std 0.02, zero
+    bias); the LayerNorm (eps 1e-6, affine) is shared by every class. `forward(x, first, last)` gives the
+    logits of classes first .. last - 1 only, which trains exactly as the full head with the other classes'
+    logits masked to -inf (they and their rows get no gradient).
+
+    Args:
+        dim: feature width.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.weight = nn.Parameter(torch.zeros(0, dim))
+        self.bias = nn.Parameter(torch.zeros(0))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def grow_to(self, num_classes: int) -> None:
+        extra = num_classes - self.num_classes
+        if extra <= 0:
+            return
+        rows = torch.empty(extra, self.weight.shape[1])
+        nn.init.trunc_normal_(rows, std=0.02)
+        self.weight = nn.Parameter(torch.cat([self.weight.detach(), rows.to(self.weight)]))
+        self.bias = nn.Parameter(torch.cat([self.bias.detach(), self.bias.new_zeros(extra)]))
+
+    def forward(self, features: torch.Tensor, first: int = 0, last: int | None = None) -> torch.Tensor:
+        return F.linear(self.norm(features), self.weight[first:last], self.bias[first:last])
+
+
 class PrototypeClassifier(nn.Module):
     """A growing, frozen cosine classifier whose rows are class prototypes (class-mean features).
 

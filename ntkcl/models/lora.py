@@ -169,10 +169,18 @@ def pack_qkv(
     return torch.cat(parts, dim=-1)
 
 
-def attention_with_qkv_update(attn: nn.Module, inputs: torch.Tensor, qkv_update: torch.Tensor | None) -> torch.Tensor:
+def attention_with_qkv_update(
+    attn: nn.Module,
+    inputs: torch.Tensor,
+    qkv_update: torch.Tensor | None,
+    key_value_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """timm's `Attention.forward` with `qkv_update` (B, N, 3C) added to the fused qkv projection's output.
 
-    The pre-trained modules (qkv, q_norm, k_norm, norm, proj) are the model's own; only the addition is new.
+    `key_value_prefix` ((B, L, C) keys, (B, L, C) values) are extra keys and values that every query also
+    attends to, placed before the tokens' own after the projection and the key norm (prefix-tuning, Li and
+    Liang, arXiv 2101.00190, as DualPrompt and CODA-Prompt insert prompts). The pre-trained modules (qkv,
+    q_norm, k_norm, norm, proj) are the model's own; only the addition and the prefix are new.
     """
     batch, tokens, _ = inputs.shape
     qkv = attn.qkv(inputs)
@@ -181,6 +189,12 @@ def attention_with_qkv_update(attn: nn.Module, inputs: torch.Tensor, qkv_update:
     qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if key_value_prefix is not None:
+        key_prefix, value_prefix = (
+            part.to(k.dtype).reshape(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            for part in key_value_prefix
+        )
+        k, v = torch.cat([key_prefix, k], dim=2), torch.cat([value_prefix, v], dim=2)
     dropout = attn.attn_drop.p if attn.training else 0.0
     x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     x = x.transpose(1, 2).reshape(batch, tokens, -1)

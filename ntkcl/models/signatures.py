@@ -1,18 +1,19 @@
-"""Task signatures for parameter-free task retrieval: a Dirichlet-process Gaussian mixture of a task's features.
+"""Task signatures for parameter-free task retrieval: Gaussian components of a task's features.
 
 PROTEUS (Le, Bui, Hoang, Hoang, "Continual Fine-Tuning with Provably Accurate and Parameter-Free Task
 Retrieval", arXiv 2603.13235) fits, after each task, a Dirichlet-process Gaussian mixture (DP-GMM) to the
-task's training features as embedded by that task's model, and routes a test image to the task under whose
-mixture its embedding is most likely. The fit is scikit-learn's `BayesianGaussianMixture` with a
-Dirichlet-process weight prior; the fitted weights, means and covariances are stored as tensors (module
-buffers, saved in safetensors) and scored with the covariances regularised by `epsilon * I` (1e-4, as the
-authors' precursor code scores `MultivariateNormal(mean, cov + 1e-4 I)`).
+task's training features as embedded by that task's model, and routes a test image to the task whose
+signature scores its embedding highest. The fit is scikit-learn's `BayesianGaussianMixture` with a
+Dirichlet-process weight prior. What is kept per component (`statistics`): "empirical" (as the authors'
+precursor code keeps `cls_mean` / `cls_cov`): the mean and the full covariance (unbiased, zero for a
+one-image component) of the embeddings the fit assigns to it, or "mixture": scikit-learn's posterior
+weights, means and covariances. Either is stored as tensors (module buffers, saved in safetensors) and
+scored with the covariances regularised by `epsilon * I` (1e-4, as the precursor's
+`MultivariateNormal(mean, cov + 1e-4 I)`), by the best component (the precursor) or the weighted mixture.
 
-The cluster-separation factor δ of the paper's retrieval bound is measured here as in that code: for the
-images of one cluster (a component of their own task's mixture) embedded by another task's model, the mean
-squared Mahalanobis distance to each of that task's components, divided by the width d, minus 1; δ is the
-smallest value over clusters and components. Gaussian data give about 0 for their own component, so δ > 0
-means every cluster lies farther from the other tasks' components than their own spread.
+`retrieval_bound` computes, per cluster, the quantities of the paper's retrieval bound exactly as the
+precursor's `theories.py` does: the separation factor δ, the covariance log-det ratio κ and the threshold
+of the paper's Eq. (28); a cluster satisfies the bound's condition when δ > threshold.
 """
 
 from __future__ import annotations
@@ -30,16 +31,37 @@ from torch import nn
 from ntkcl.errors import RunFailedError
 
 CovarianceType = Literal["full", "diag"]
+Statistics = Literal["empirical", "mixture"]
+
+
+def empirical_components(
+    data: np.ndarray, assigned: np.ndarray, kept: np.ndarray, covariance_type: CovarianceType
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Share, mean and unbiased covariance (zero for a single row; diagonal: variances) of each kept
+    component's rows."""
+    weights, means, covariances = [], [], []
+    for component in kept:
+        rows = data[assigned == component]
+        weights.append(len(rows) / len(data))
+        means.append(rows.mean(axis=0))
+        if len(rows) < 2:
+            spread = np.zeros((data.shape[1], data.shape[1]))
+        else:
+            spread = np.cov(rows, rowvar=False).reshape(data.shape[1], data.shape[1])
+        covariances.append(spread if covariance_type == "full" else np.diag(spread).copy())
+    return np.asarray(weights), np.stack(means), np.stack(covariances)
 
 
 @dataclass(frozen=True)
 class MixtureFit:
-    """How a fit went: components kept, EM iterations, convergence and wall time."""
+    """How a fit went: components kept, EM iterations, convergence, wall time, and each row's component
+    among the kept ones (its cluster)."""
 
     components: int
     iterations: int
     converged: bool
     seconds: float
+    clusters: torch.Tensor
 
 
 class GaussianMixtureSignature(nn.Module):
@@ -88,6 +110,7 @@ class GaussianMixtureSignature(nn.Module):
         prune: bool = True,
         epsilon: float = 1e-4,
         threads: int | None = None,
+        statistics: Statistics = "empirical",
     ) -> tuple[GaussianMixtureSignature, MixtureFit]:
         """Fit a DP-GMM to `features` (N, d) with scikit-learn.
 
@@ -101,9 +124,12 @@ class GaussianMixtureSignature(nn.Module):
             seed: `random_state` (k-means initialisation).
             prune: keep only the components that own at least one training image (hard assignment); the
                 others carry almost no weight under the Dirichlet process. Weights are kept as fitted.
+                Empirical statistics always drop them (an empty component has none).
             epsilon: diagonal regulariser when scoring.
             threads: BLAS/OpenMP threads of the fit (None: the libraries' default). Small fits run faster on
                 one thread, which avoids contention with torch's own thread pool.
+            statistics: "empirical" (per component the share, mean and unbiased covariance of the rows the
+                fit assigns to it) or "mixture" (scikit-learn's fitted weights, means and covariances).
         """
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.mixture import BayesianGaussianMixture
@@ -130,15 +156,18 @@ class GaussianMixtureSignature(nn.Module):
                     "(lower method.params.n_components or raise method.params.gmm_reg_covar)"
                 ) from error
         seconds = time.perf_counter() - started
-        kept = np.unique(mixture.predict(data)) if prune else np.arange(mixture.n_components)
+        assigned = mixture.predict(data)
+        empirical = statistics == "empirical"
+        kept = np.unique(assigned) if prune or empirical else np.arange(mixture.n_components)
         signature = cls(len(kept), data.shape[1], covariance_type, epsilon)
-        signature.set_parameters(
-            torch.from_numpy(mixture.weights_[kept]),
-            torch.from_numpy(mixture.means_[kept]),
-            torch.from_numpy(mixture.covariances_[kept]),
-        )
+        if empirical:
+            weights, means, covariances = empirical_components(data, assigned, kept, covariance_type)
+        else:
+            weights, means, covariances = mixture.weights_[kept], mixture.means_[kept], mixture.covariances_[kept]
+        signature.set_parameters(torch.from_numpy(weights), torch.from_numpy(means), torch.from_numpy(covariances))
+        clusters = torch.from_numpy(np.searchsorted(kept, assigned)).to(features.device)
         return signature.to(features.device), MixtureFit(
-            len(kept), int(mixture.n_iter_), bool(mixture.converged_), seconds
+            len(kept), int(mixture.n_iter_), bool(mixture.converged_), seconds, clusters
         )
 
     @torch.no_grad()
@@ -198,21 +227,111 @@ class GaussianMixtureSignature(nn.Module):
         return (self.component_log_densities(features) + self.weights.float().log()).argmax(dim=1)
 
 
-def cluster_distance_sums(
-    distances: torch.Tensor, clusters: torch.Tensor, num_clusters: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster sums (C, K) of squared Mahalanobis distances (N, K) and image counts (C), in float64.
+@dataclass(frozen=True)
+class RawComponents:
+    """One task's components with their raw (unregularised) covariances, as the bound reads them:
+    `means` (K, d), `precisions` (K, d, d) = Σ⁻¹ (NaN where Σ is singular), `log_dets` (K) = log det Σ
+    (-inf where Σ is singular), all float64."""
 
-    Plain sums, so distributed processes add theirs before `separation_factor`.
+    means: torch.Tensor
+    precisions: torch.Tensor
+    log_dets: torch.Tensor
+
+    @classmethod
+    def of(cls, signature: GaussianMixtureSignature) -> RawComponents:
+        covariances = signature.covariances.to(torch.float64)
+        if signature.covariance_type == "diag":
+            covariances = torch.diag_embed(covariances)
+        inverse, info = torch.linalg.inv_ex(covariances)
+        inverse = torch.where((info != 0)[:, None, None], torch.full_like(inverse, float("nan")), inverse)
+        sign, log_abs = torch.linalg.slogdet(covariances)
+        log_dets = torch.where(sign > 0, log_abs, torch.full_like(log_abs, float("-inf")))
+        return cls(signature.means.to(torch.float64), inverse, log_dets)
+
+
+@dataclass(frozen=True)
+class ClusterBound:
+    """The retrieval bound's terms for one cluster (non-finite values are None in `as_record`)."""
+
+    delta: float
+    kappa: float
+    sigma_squared: float
+    threshold: float
+
+    @property
+    def satisfied(self) -> bool:
+        return self.delta > self.threshold
+
+    def as_record(self) -> dict:
+        def finite(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+
+        return {
+            "delta": finite(self.delta),
+            "kappa": finite(self.kappa),
+            "sigma_squared": finite(self.sigma_squared),
+            "threshold": finite(self.threshold),
+            "satisfied": self.satisfied,
+        }
+
+
+def separation_factors(cluster_views: list[torch.Tensor], others: list[RawComponents]) -> torch.Tensor:
+    """δ of one cluster against every component of the other tasks, (x̄ - μ)ᵀ Σ⁻¹ (x̄ - μ) / d - 1, as one
+    vector (task after task).
+
+    `theories.py` averages the n x n matrix (x_a - μ)ᵀ Σ⁻¹ (x_b - μ) over the cluster's rows a, b, which is
+    this quadratic form at the rows' mean x̄ (the cluster embedded by the other task's model), with the raw
+    covariance (NaN where it is singular).
     """
-    sums = torch.zeros(num_clusters, distances.shape[1], dtype=torch.float64, device=distances.device)
-    sums.index_add_(0, clusters, distances.to(torch.float64))
-    counts = torch.bincount(clusters, minlength=num_clusters).to(torch.float64)
-    return sums, counts
+    rows = []
+    for view, components in zip(cluster_views, others, strict=True):
+        difference = view.to(torch.float64).mean(0) - components.means
+        quadratic = torch.einsum("kd,kde,ke->k", difference, components.precisions, difference)
+        rows.append(quadratic / view.shape[1] - 1)
+    return torch.cat(rows)
 
 
-def separation_factor(sums: torch.Tensor, counts: torch.Tensor, dim: int) -> float:
-    """δ = min over clusters c (with images) and components k of mean_{x∈c} m²(x, k) / d − 1."""
-    present = counts > 0
-    means = sums[present] / counts[present].unsqueeze(1)
-    return float(means.min() / dim - 1)
+def retrieval_bound(
+    cluster_views: list[torch.Tensor],
+    others: list[RawComponents],
+    own_log_det: float,
+    num_tasks: int,
+    truncations: list[int],
+    epsilon: float = 0.01,
+) -> ClusterBound:
+    """δ, κ, σ² and the Eq. (28) threshold of one cluster, as the precursor's `theories.py` computes them.
+
+    Args:
+        cluster_views: per other task i, the cluster's rows (n, d) embedded by task i's model.
+        others: per other task i, its components (`RawComponents`).
+        own_log_det: log det of the cluster's own raw covariance Λ (-inf if singular).
+        num_tasks: T, the stream's task count.
+        truncations: τ_i, every task's component truncation (its configured `n_components`).
+        epsilon: ε of the bound (0.01).
+
+    δ = min over other tasks and components of the centroid Mahalanobis factor (`separation_factors`);
+    κ = min over them of log det Σ_si - log det Λ; σ² = the largest per-dimension variance (unbiased) of the
+    cluster's rows under any other task's model (for a one-row cluster `theories.py` takes the row's largest
+    value instead, kept here); N = (T - 1) Σ τ + 1; M = 3dσ² - κ;
+    threshold = (2/d) max(¼(M + √(M² - 24dσ²κ)) - κ, log((N/ε)(√(1 + 4d/log(N/ε)) + 1))).
+    A negative discriminant makes the first term NaN, and `theories.py`'s `max(first, second)` then returns
+    NaN: so does this. With no other task every term is NaN.
+    """
+    if not others:
+        nan = float("nan")
+        return ClusterBound(nan, nan, nan, nan)
+    dim = cluster_views[0].shape[1]
+    delta = float(separation_factors(cluster_views, others).min())
+    kappa = float(torch.cat([components.log_dets for components in others]).min()) - own_log_det
+    spreads = []
+    for view in cluster_views:
+        view = view.to(torch.float64)
+        spreads.append(float(view.max()) if len(view) == 1 else float(view.var(dim=0, unbiased=True).max()))
+    sigma_squared = max(spreads)
+    count = (num_tasks - 1) * sum(truncations) + 1
+    second = math.log((count / epsilon) * (math.sqrt(1 + 4 * dim / math.log(count / epsilon)) + 1))
+    m = 3 * dim * sigma_squared - kappa
+    discriminant = m * m - 24 * dim * sigma_squared * kappa
+    first = 0.25 * (m + math.sqrt(discriminant)) - kappa if discriminant >= 0 else float("nan")
+    larger = second if second > first else first  # Python's max(first, second), NaN included
+    return ClusterBound(delta, kappa, sigma_squared, 2 * larger / dim)
