@@ -94,7 +94,9 @@ def markdown(rows: list[dict], seeds: list[int]) -> str:
             lines.append(f"| {row['method']} | - | failed: {row['error'][0]} | | | | | |")
             continue
         accuracy, forgetting = row["final_accuracy"], row["forgetting"]
-        beats = "(reference)" if row["method"].startswith(REFERENCE) else ("yes" if row["beats_simplecil"] else "**no**")
+        beats = (
+            "(reference)" if row["method"].startswith(REFERENCE) else ("yes" if row["beats_simplecil"] else "**no**")
+        )
         lines.append(
             f"| {row['method']} | {row['backbone']} | {accuracy['mean']:.2f} ± {accuracy['std']:.2f} | "
             f"{forgetting['mean']:.2f} ± {forgetting['std']:.2f} | {row['reference_final_accuracy']['mean']:.2f} | "
