@@ -40,6 +40,7 @@ MAX_PROCESSES = 1024
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 Precision = Literal["auto", "fp32", "bf16"]
+Feed = Literal["auto", "loader", "device"]
 Scenario = Literal[SCENARIOS]
 # numpy's and torch's seeds are unsigned 32-bit integers.
 Seed = Annotated[int, Field(ge=0, le=MAX_INTEGER)]
@@ -264,10 +265,26 @@ class RuntimeConfig(_Section):
         return value
 
 
+class DataConfig(_Section):
+    """How images reach the model (`ntkcl.engine.feed`); the choice never changes a run's results on CPU.
+
+    `feed`: "loader" decodes and transforms every image in DataLoader workers; "device" decodes each split
+    once into a memory-mapped uint8 cache and runs the batched transforms on the training device; "auto"
+    takes "device" on CUDA when the augmentation has a batched form and the decoded splits fit
+    `feed_memory_fraction` of the host's physical memory, else "loader".
+    """
+
+    feed: Feed = "auto"
+    feed_memory_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="share of host memory the decoded splits may take under feed=auto"
+    )
+
+
 class RunConfig(_Section):
     """Everything that defines a run; `config.json` in the run directory is this model, resolved."""
 
     stream: StreamConfig = Field(default_factory=StreamConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

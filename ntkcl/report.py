@@ -13,6 +13,9 @@ into the output folder:
     forgetting.png                  forgetting of each task after the last one (max earlier accuracy - final),
                                     one bar per run or group (mean ± sd) and task
     accuracy_matrix-<run>.png       heatmap of R[t][i] for each run (a group's: the mean over its members)
+    phase_times-<run>.png           where each task's wall time went (data wait, forward+backward, optimizer,
+                                    statistics, evaluation, checkpoints, compilation, ...), a stacked bar per
+                                    task, for runs whose log.jsonl records phase times
 
 Legends read `method / stream` (with the backbone or folder name added only where two entries share them).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -333,6 +337,45 @@ def draw_forgetting(runs: list, path: Path) -> None:
     figure.savefig(path)
 
 
+def phase_times_file(run: RunSummary) -> str:
+    return f"phase_times-{run.name}.png"
+
+
+def task_phase_times(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+    """(task, seconds per phase) of each finished task from log.jsonl's `task_end` records (the last one of
+    a task that was logged again after a resume); empty for runs written before phases were recorded."""
+    log = run_dir / rundir.LOG_FILE
+    if not log.is_file():
+        return []
+    latest: dict[int, dict[str, float]] = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("event") == "task_end" and isinstance(record.get("phases"), dict):
+            latest[int(record["task"])] = {key: float(value) for key, value in record["phases"].items()}
+    return sorted(latest.items())
+
+
+def draw_phase_times(run: RunSummary, tasks: list[tuple[int, dict[str, float]]], path: Path) -> None:
+    """A stacked bar of seconds per phase for each task of `run`."""
+    figure = _pyplot_free_figure(max(5.0, 0.45 * len(tasks) + 3.5), 4.2)
+    axes = figure.subplots()
+    names = list(dict.fromkeys(name for _, phases in tasks for name in phases))
+    bottom = np.zeros(len(tasks))
+    positions = [task for task, _ in tasks]
+    for name in names:
+        seconds = np.array([phases.get(name, 0.0) for _, phases in tasks])
+        if seconds.any():
+            axes.bar(positions, seconds, bottom=bottom, label=name.replace("_", " "))
+            bottom += seconds
+    axes.set_xticks(positions, [f"T{task}" for task in positions])
+    axes.set_xlabel("task")
+    axes.set_ylabel("seconds")
+    axes.set_title(f"{run.method} on {run.stream}: time per phase", fontsize=10)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.savefig(path)
+
+
 def _percent(value: float | dict | None) -> str:
     """A number, or a {"mean", "sd", "n"} as `mean ± sd`."""
     if isinstance(value, dict):
@@ -458,6 +501,13 @@ def write_page(runs: list, out: Path, comparison: list[dict] | None = None) -> N
             _image(out / run.heatmap_file, f"accuracy matrix of {run.name}"),
             _matrix_table(run),
         ]
+        if task_phase_times(run.path):
+            sections.append(_image(out / phase_times_file(run), f"time per phase of each task of {run.name}"))
+    diagnosed = [(run, document) for run in runs if (document := load_diagnostics(run)) is not None]
+    if diagnosed:
+        sections.append("<h2>Diagnostics</h2>")
+        for run, document in diagnosed:
+            sections += diagnostics_section(run, document, out)
     sections.append("</body></html>")
     (out / INDEX_FILE).write_text("\n".join(sections) + "\n", encoding="utf-8")
 
@@ -482,15 +532,183 @@ def write_report(run_dirs: list[Path], out: Path, comparison: list[dict] | None 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise BadInputError(f"cannot create report folder {out}: {error.strerror or error}") from error
+    phase_files = []
     for run in runs:
         draw_heatmap(run, out / run.heatmap_file)
+        tasks = task_phase_times(run.path)
+        if tasks:
+            draw_phase_times(run, tasks, out / phase_times_file(run))
+            phase_files.append(phase_times_file(run))
     draw_all_seen(runs, out / ALL_SEEN_FILE)
     draw_forgetting(runs, out / FORGETTING_FILE)
+    diagnostic_files = []
+    for run in runs:
+        document = load_diagnostics(run)
+        if document is not None:
+            diagnostic_files += draw_diagnostics(run, document, out)
     write_page(runs, out, comparison)
-    files = [INDEX_FILE, ALL_SEEN_FILE, FORGETTING_FILE, *(run.heatmap_file for run in runs)]
+    files = [
+        INDEX_FILE,
+        ALL_SEEN_FILE,
+        FORGETTING_FILE,
+        *(run.heatmap_file for run in runs),
+        *phase_files,
+        *diagnostic_files,
+    ]
     return {
         "out": str(out),
         "files": [str(out / name) for name in files],
         "runs": [run.row() for run in runs],
         "comparison": comparison,
     }
+
+
+# ----------------------------------------------------------------------------------------------- diagnostics
+def load_diagnostics(run: RunSummary) -> dict | None:
+    """The run's diagnostics.json (`ntkcl diagnose`), or None when it has none."""
+    from ntkcl.diagnostics.run import DIAGNOSTICS_FILE, KIND
+
+    path = run.path / DIAGNOSTICS_FILE
+    if not path.is_file():
+        return None
+    document = rundir.read_json(path)
+    if document.get("kind") != KIND:
+        raise BadInputError(f"{path} was not written by ntkcl diagnose")
+    return document
+
+
+def diagnostics_files(run: RunSummary) -> dict[str, str]:
+    names = ("ntk_blocks", "ntk_drift", "subspace_angles", "generalisation_gap")
+    return {name: f"{name}-{run.name}.png" for name in names}
+
+
+def _matrix_axes(axes, values: np.ndarray, title: str, vmin: float, vmax: float, cmap: str = "magma"):
+    image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
+    size = len(values)
+    if size <= 12:
+        for i in range(size):
+            for j in range(size):
+                if not np.isnan(values[i, j]):
+                    axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color="grey")
+    axes.set_xticks(range(size), [f"T{j}" for j in range(size)])
+    axes.set_yticks(range(size), [f"T{i}" for i in range(size)])
+    axes.set_title(title, fontsize=9)
+    return image
+
+
+def _as_array(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if value is None else value for value in row] for row in rows], dtype=float)
+
+
+def draw_diagnostics(run: RunSummary, document: dict, out: Path) -> list[str]:
+    """The cross-task NTK heatmap after each task, the kernel drift, the subspace angles and the gap bars."""
+    files = diagnostics_files(run)
+    steps = document["ntk"]
+    columns = min(len(steps), 4)
+    rows = -(-len(steps) // columns)
+    figure = _pyplot_free_figure(2.6 * columns + 1.0, 2.5 * rows + 0.6)
+    grid = figure.subplots(rows, columns, squeeze=False)
+    image = None
+    for position, axes in enumerate(grid.flat):
+        if position >= len(steps):
+            axes.set_axis_off()
+            continue
+        step = steps[position]
+        image = _matrix_axes(axes, _as_array(step["block_norms"]), f"after task {step['after_task']}", 0, 1)
+    figure.colorbar(image, ax=grid, label="‖Θ_ij‖ / sqrt(‖Θ_ii‖ ‖Θ_jj‖)")
+    figure.savefig(out / files["ntk_blocks"])
+
+    figure = _pyplot_free_figure(6.0, 3.8)
+    axes = figure.subplots()
+    later = [step for step in steps if step["drift_from_previous"] is not None]
+    for task in range(len(steps[-1]["block_norms"]) - 1):
+        points = [
+            (s["after_task"], s["drift_from_previous"][task]) for s in later if task < len(s["drift_from_previous"])
+        ]
+        points = [(x, y) for x, y in points if y is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=f"T{task}")
+    axes.set_xlabel("after training task")
+    axes.set_ylabel("kernel drift of task block (1 − CKA)")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.savefig(out / files["ntk_drift"])
+
+    orthogonality = document["feature_orthogonality"]
+    figure = _pyplot_free_figure(4.6, 3.8)
+    axes = figure.subplots()
+    image = _matrix_axes(axes, _as_array(orthogonality["mean_angle_deg"]), "mean principal angle (°)", 0, 90, "viridis")
+    figure.colorbar(image, ax=axes, label="degrees")
+    figure.savefig(out / files["subspace_angles"])
+
+    figure = _pyplot_free_figure(6.0, 3.8)
+    axes = figure.subplots()
+    gaps = document["generalisation_gap"]
+    positions = np.arange(len(gaps))
+    for offset, key, label in (
+        (-0.2, "after_own_task", "after its task"),
+        (0.2, "after_last_task", "after the last task"),
+    ):
+        values = [np.nan if gap[key] is None else gap[key]["gap"] for gap in gaps]
+        axes.bar(positions + offset, values, width=0.4, label=label)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xticks(positions, [f"T{gap['task']}" for gap in gaps])
+    axes.set_ylabel("train − test accuracy on the probe (points)")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.savefig(out / files["generalisation_gap"])
+    return list(files.values())
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _retrieval_table(retrieval: dict) -> str:
+    headers = ["task", "cluster", "images", "δ", "κ", "σ²", "threshold", "δ > threshold", "retrieval (%)"]
+    lines = ["<table>", "<tr>" + "".join(f"<th>{name}</th>" for name in headers) + "</tr>"]
+    for cluster in retrieval["clusters"]:
+        values = [
+            str(cluster["task"]),
+            str(cluster["cluster"]),
+            str(cluster["images"]),
+            _number(cluster["delta"]),
+            _number(cluster["kappa"]),
+            _number(cluster["sigma_squared"]),
+            _number(cluster["threshold"]),
+            "yes" if cluster["satisfied"] else "no",
+            _number(cluster["retrieval_accuracy"], 1),
+        ]
+        lines.append("<tr>" + "".join(f'<td class="number">{value}</td>' for value in values) + "</tr>")
+    lines.append("</table>")
+    accuracy = ", ".join(f"T{t} {_number(v, 1)}" for t, v in enumerate(retrieval["test_retrieval_accuracy"]))
+    lines.append(f'<p class="muted">Retrieval accuracy on the test probe (%): {accuracy}</p>')
+    return "\n".join(lines)
+
+
+def diagnostics_section(run: RunSummary, document: dict, out: Path) -> list[str]:
+    """HTML of a run's Diagnostics section (plots drawn by `draw_diagnostics`)."""
+    files = diagnostics_files(run)
+    probe = document["probe"]
+    kernel = document["kernel"]
+    seconds = np.mean([step["seconds_per_probe_image"] for step in document["ntk"]])
+    parts = [
+        f"<h3>Diagnostics of {html.escape(run.name)}</h3>",
+        f'<p class="muted">{probe["per_task"]} test and {probe["per_task"]} training images per task (seed '
+        f"{probe['seed']}); empirical NTK of {len(kernel['tuned_parameters'])} tuned tensors, outputs: "
+        f"{html.escape(kernel['outputs'])}, {html.escape(kernel['reduction'])}; {seconds:.3f} s per probe image "
+        f"on {html.escape(document['device'])}.</p>",
+        _image(out / files["ntk_blocks"], "normalised cross-task NTK block norms after each task"),
+        _image(out / files["ntk_drift"], "kernel drift of old tasks between consecutive tasks"),
+        _image(out / files["subspace_angles"], "mean principal angle between task feature subspaces"),
+        _image(out / files["generalisation_gap"], "train minus test accuracy per task"),
+    ]
+    orthogonality = document["feature_orthogonality"]
+    parts.append(
+        f'<p class="muted">Mean cosine between class prototypes of different tasks: '
+        f"{_number(orthogonality['prototype_cosine_between_tasks'])}.</p>"
+    )
+    if "retrieval" in document:
+        parts.append(_retrieval_table(document["retrieval"]))
+    return parts

@@ -58,6 +58,8 @@ def test_report_writes_a_page_and_pngs_for_two_runs(logged_runs, tmp_path, cli):
             "forgetting.png",
             f"accuracy_matrix-{finetune.name}.png",
             f"accuracy_matrix-{simplecil.name}.png",
+            f"phase_times-{finetune.name}.png",
+            f"phase_times-{simplecil.name}.png",
         ]
     )
     assert sorted(str(tmp_path / "report" / name) for name in names) == sorted(written["files"])
@@ -68,7 +70,8 @@ def test_report_writes_a_page_and_pngs_for_two_runs(logged_runs, tmp_path, cli):
     assert finetune.name in page and simplecil.name in page
     # Self-contained: every picture is embedded, none is linked.
     embedded = page.count('src="data:image/png;base64,')
-    assert embedded == 4 and 'src="accuracy' not in page
+    assert embedded == 6 and 'src="accuracy' not in page
+    assert f"time per phase of each task of {finetune.name}" in page
     first = page.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(first).startswith(PNG_SIGNATURE)
     row = next(row for row in written["runs"] if row["run"] == finetune.name)

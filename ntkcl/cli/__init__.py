@@ -49,9 +49,9 @@ def _root(
 @functools.cache
 def register_commands() -> typer.core.TyperGroup:
     """Attach every subcommand to `app` and build its command group, once (the modules import nothing heavy)."""
-    from ntkcl.cli import datasets, evaluate, export, prepare, report, reproduce, train
+    from ntkcl.cli import datasets, diagnose, evaluate, export, prepare, report, reproduce, train
 
-    for module in (datasets, prepare, train, evaluate, export, report, reproduce):
+    for module in (datasets, prepare, train, evaluate, export, report, reproduce, diagnose):
         module.register(app)
     return typer.main.get_command(app)
 

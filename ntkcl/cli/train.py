@@ -8,12 +8,21 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import Precision, Scenario, check_config_key, deep_merge, load_config, parse_assignments, validate
+from ntkcl.config import (
+    Feed,
+    Precision,
+    Scenario,
+    check_config_key,
+    deep_merge,
+    load_config,
+    parse_assignments,
+    validate,
+)
 from ntkcl.errors import BadInputError
 
 # The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
 # A resumed run keeps its saved config except where it runs: these may change on `--resume`.
-RESUME_FLAGS = ("device", "num_workers", "data_root")
+RESUME_FLAGS = ("device", "num_workers", "data_root", "feed")
 FLAG_FIELDS = {
     "stream": ("stream", "dataset"),
     "method": ("method", "name"),
@@ -33,6 +42,7 @@ FLAG_FIELDS = {
     "precision": ("runtime", "precision"),
     "num_workers": ("runtime", "num_workers"),
     "compile": ("runtime", "compile"),
+    "feed": ("data", "feed"),
     "log": ("runtime", "log"),
 }
 
@@ -137,6 +147,11 @@ def train(
         "--compile/--no-compile",
         help="torch.compile the method's backbone passes (default auto: on CUDA for long runs; see README).",
     ),
+    feed: Feed | None = typer.Option(
+        None,
+        "--feed",
+        help="auto, loader (per-image DataLoader) or device (decode once, batched transforms on the device).",
+    ),
     gpus: str | None = typer.Option(
         None, "--gpus", help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun."
     ),
@@ -200,6 +215,7 @@ def train(
         "num_workers": num_workers,
         "compile": None if compile_passes is None else ("on" if compile_passes else "off"),
         "log": log or None,
+        "feed": feed,
     }
     if resume is not None:
         from ntkcl.engine import rundir
@@ -211,7 +227,7 @@ def train(
         if fixed or config_file is not None or assignments or unset:
             raise BadInputError(
                 "--resume continues a run with its saved config; only --device, --num-workers, --data-root, "
-                "--gpus and --nproc may change"
+                "--feed, --gpus and --nproc may change"
             )
         if is_group(resume):
             _resume_group(resume, flags, processes, quiet, json_output)

@@ -14,13 +14,23 @@ as Pillow does (horizontal pass first), in exact integer arithmetic carried by f
 for the same crop a batch is bit-identical to the per-image torchvision path on PIL images, on any device.
 RandomResizedCrop draws from the same distribution as torchvision's `get_params` (ten attempts of a
 uniform scale and log-uniform ratio, then the centre-crop fallback), vectorised over the batch.
+
+The training transform of both feeds takes its crop and flip from `random_draws` of one generator per
+image seeded with that image's augmentation seed: `PerImageRandomResizedCrop` on a PIL image (the loader
+feed) and `seeded_draws` for a batch (the device feed) give the same crops, hence bit-identical pixels. The
+per-image one runs Pillow's horizontal and vertical passes one after the other, as the batched one does:
+a single 2-D Pillow resize (Pillow 13) does the vertical pass first for some crops that shrink vertically and
+stretch horizontally, which rounds differently (by one grey level on some pixels).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
 
 from ntkcl.data.transforms import AUGMENTATIONS, paper_resize
 
@@ -136,6 +146,13 @@ def random_draws(count: int, generator: torch.Generator) -> torch.Tensor:
 DRAWS = 2 * ATTEMPTS + 3
 
 
+def seeded_draws(seeds: np.ndarray) -> torch.Tensor:
+    """(len(seeds), DRAWS) `random_draws` of one generator per image, seeded with the image's seed."""
+    generator = torch.Generator()
+    rows = [random_draws(1, generator.manual_seed(int(seed))) for seed in seeds]
+    return torch.cat(rows) if rows else torch.zeros(0, DRAWS, dtype=torch.float64)
+
+
 def random_resized_crop_plan(
     sizes: torch.Tensor,
     draws: torch.Tensor,
@@ -247,8 +264,38 @@ class BatchedTransform:
         return self.apply(images, self.plan(sizes, draws).to(images.device))
 
 
+class PerImageRandomResizedCrop:
+    """The "paper" training transform of one PIL image: RandomResizedCrop(scale 0.05-1, ratio 3/4-4/3,
+    bilinear) + horizontal flip + ToTensor, its parameters from `random_draws` of torch's default generator
+    (seeded per image by the loader), so that the batched transform reproduces it from the same seed."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        sizes = torch.tensor([[image.height, image.width]])
+        draws = random_draws(1, torch.random.default_generator)
+        top, left, height, width = random_resized_crop_plan(sizes, draws)[0].tolist()
+        crop = image.crop((left, top, left + width, top + height))
+        # Pillow's two passes one at a time, horizontal first: recent Pillow picks the order of a 2-D resize
+        # itself (vertical first for some crops), which rounds differently from the batched passes
+        wide = crop.resize((self.size, height), Image.Resampling.BILINEAR)
+        resized = wide.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return TF.to_tensor(TF.hflip(resized) if draws[0, -1] < 0.5 else resized)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+BATCHED_AUGMENTATIONS = ("paper", "resize", "clip")
+
+
 def build_batched_transforms(augment: str, image_size: int) -> tuple[BatchedTransform, BatchedTransform]:
-    """The batched (train, test) pair of `ntkcl.data.transforms.build_transforms(augment, image_size)`."""
+    """The batched (train, test) pair of `ntkcl.data.transforms.build_transforms(augment, image_size)`
+    (`BATCHED_AUGMENTATIONS`; timm's colour jitter has no batched form)."""
+    if augment == "clip":
+        plain = BatchedTransform("resize_center_crop", image_size, "bicubic", image_size)
+        return plain, plain
     if augment == "paper":
         train = BatchedTransform("random_resized_crop", image_size, "bilinear")
         test = BatchedTransform("resize_center_crop", image_size, "bicubic", paper_resize(image_size))

@@ -1,6 +1,7 @@
 """A split decoded once into uint8 RGB pixels, for the batched transforms of `ntkcl.data.batched_transforms`.
 
-Array datasets (CIFAR-100, digits, synthetic) are used as they are, in memory. File datasets are decoded
+Array datasets (CIFAR-100, digits, synthetic) are used as they are, a memory map included (grey ones are
+expanded to RGB per batch). File datasets are decoded
 once into `<dataset>/decoded-<S>/<split>.u8`, a flat uint8 file read through a memory map, with each
 image's shape and offset beside it; a `complete` marker written last makes it usable, and the list of files
 it was made from is fingerprinted, so another selection of files is decoded again.
@@ -51,41 +52,65 @@ def _decode_file(job: tuple[str, int | None]) -> np.ndarray:
 
 @dataclass
 class DecodedImages:
-    """uint8 RGB images of one split: one flat buffer plus each image's (height, width) and start offset.
+    """uint8 images of one split: one flat buffer plus each image's (height, width) and start offset.
 
-    `gather` returns a batch zero-padded to its largest image together with the true sizes, the input the
-    batched transforms take.
+    `gather` returns a batch of RGB images zero-padded to its largest image together with the true sizes,
+    the input the batched transforms take. Grey array datasets keep one channel (`channels`) and are
+    expanded to RGB per batch, as PIL's conversion does.
     """
 
     pixels: np.ndarray
     shapes: np.ndarray  # (N, 2) int64
     offsets: np.ndarray  # (N,) int64
+    channels: int = 3
 
     def __post_init__(self) -> None:
         first = self.shapes[0] if len(self.shapes) else np.zeros(2, dtype=np.int64)
         uniform = bool((self.shapes == first).all())
         # equal sizes (array datasets): a 4-D view makes a batch one fancy-indexing copy
-        self._dense = self.pixels.reshape(len(self.shapes), int(first[0]), int(first[1]), 3) if uniform else None
+        dense_shape = (len(self.shapes), int(first[0]), int(first[1]), self.channels)
+        self._dense = self.pixels.reshape(dense_shape) if uniform else None
+        if self._dense is None and self.channels != 3:
+            raise ValueError("images of different sizes are stored as RGB")
 
     def __len__(self) -> int:
         return len(self.shapes)
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.pixels.size)
+
     @classmethod
     def from_arrays(cls, arrays: np.ndarray) -> DecodedImages:
-        """N x H x W x 3 uint8 arrays as they are; others (grey, RGBA, other dtypes) through PIL's RGB conversion."""
-        if arrays.dtype != np.uint8 or arrays.ndim != 4 or arrays.shape[3] != 3:
-            arrays = np.stack([rgb_pixels(Image.fromarray(array), None) for array in arrays])
-        count, height, width, _ = arrays.shape
+        """N x H x W x 3 and grey N x H x W uint8 arrays as they are (a memory map stays one); others (RGBA,
+        other dtypes, images of different sizes) through PIL's RGB conversion, in memory."""
+        rgb = arrays.ndim == 4 and arrays.shape[3] == 3
+        if arrays.dtype != np.uint8 or not (rgb or arrays.ndim == 3):
+            return cls.from_images([rgb_pixels(Image.fromarray(array), None) for array in arrays])
+        count, height, width = arrays.shape[:3]
+        channels = 3 if rgb else 1
         shapes = np.tile(np.array([height, width], dtype=np.int64), (count, 1))
-        offsets = np.arange(count, dtype=np.int64) * height * width * 3
-        return cls(np.ascontiguousarray(arrays).reshape(-1), shapes, offsets)
+        offsets = np.arange(count, dtype=np.int64) * height * width * channels
+        return cls(np.ascontiguousarray(arrays).reshape(-1), shapes, offsets, channels)
+
+    @classmethod
+    def from_images(cls, images: list[np.ndarray]) -> DecodedImages:
+        """(H, W, 3) uint8 images of any sizes, copied into one buffer in memory."""
+        shapes = np.array([image.shape[:2] for image in images], dtype=np.int64).reshape(-1, 2)
+        sizes = np.array([image.size for image in images], dtype=np.int64)
+        offsets = (np.cumsum(sizes) - sizes).astype(np.int64)
+        pixels = np.concatenate([image.reshape(-1) for image in images]) if images else np.zeros(0, np.uint8)
+        return cls(pixels, shapes, offsets)
 
     def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, 3) uint8 images zero-padded to the batch's largest, and (B, 2) int64 (height, width)."""
         indices = np.asarray(indices, dtype=np.int64)
         shapes = self.shapes[indices]
         if self._dense is not None:
-            return torch.from_numpy(self._dense[indices]), torch.from_numpy(shapes)
+            batch = self._dense[indices]
+            if self.channels == 1:
+                batch = np.repeat(batch, 3, axis=3)
+            return torch.from_numpy(batch), torch.from_numpy(shapes)
         height, width = (int(v) for v in shapes.max(axis=0)) if len(indices) else (0, 0)
         batch = np.zeros((len(indices), height, width, 3), dtype=np.uint8)
         for row, (index, (h, w)) in enumerate(zip(indices, shapes, strict=True)):
@@ -171,6 +196,8 @@ def decode_split(
         workers: decoding processes for file datasets.
         write: whether this process may write the cache (rank 0 in a group); others wait and read it.
     """
+    if samples.paths is not None and samples.arrays is not None:  # a composite of file and array datasets
+        return DecodedImages.from_images([_decode_sample(samples.image(i), shorter_side) for i in range(len(samples))])
     if samples.arrays is not None:
         arrays = samples.arrays
         if shorter_side is not None and arrays.ndim >= 3 and min(arrays.shape[1:3]) > shorter_side:
@@ -190,9 +217,10 @@ def decode_split(
 
 
 def _in_memory(paths: list[Path], shorter_side: int | None) -> DecodedImages:
-    images = [_decode_file((str(path), shorter_side)) for path in paths]
-    shapes = np.array([image.shape[:2] for image in images], dtype=np.int64).reshape(-1, 2)
-    sizes = np.array([image.size for image in images], dtype=np.int64)
-    offsets = (np.cumsum(sizes) - sizes).astype(np.int64)
-    pixels = np.concatenate([image.reshape(-1) for image in images]) if images else np.zeros(0, np.uint8)
-    return DecodedImages(pixels, shapes, offsets)
+    return DecodedImages.from_images([_decode_file((str(path), shorter_side)) for path in paths])
+
+
+def _decode_sample(source: Path | np.ndarray, shorter_side: int | None) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        return rgb_pixels(Image.fromarray(source), shorter_side)
+    return _decode_file((str(source), shorter_side))

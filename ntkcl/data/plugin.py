@@ -104,11 +104,17 @@ class Samples:
         return cls(labels, paths=paths if has_paths else None, arrays=arrays, class_names=names)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
+        """Images `indices` in that order; all of them in order keeps the arrays as they are (a memory map
+        of a large dataset stays one, not a copy in memory)."""
         indices = np.asarray(indices, dtype=np.int64)
+        everything = len(indices) == len(self) and bool((indices == np.arange(len(self))).all())
+        arrays = None
+        if self.arrays is not None:
+            arrays = self.arrays if everything else self.arrays[indices]
         return Samples(
             labels=self.labels[indices],
             paths=[self.paths[i] for i in indices] if self.paths is not None else None,
-            arrays=self.arrays[indices] if self.arrays is not None else None,
+            arrays=arrays,
             class_names=self.class_names,
         )
 
@@ -128,13 +134,15 @@ def samples_from_manifest(dataset_dir: Path, manifest: Manifest, split: str) -> 
         raise KeyError(f"{manifest.dataset} has no split {split!r} (has {sorted(manifest.splits)})")
     labels = np.array([label for _, label in rows], dtype=np.int64)
     if rows and "#" in rows[0][0]:
-        array_files: dict[str, np.ndarray] = {}
-        images = []
-        for relative, _ in rows:
-            file_name, index = relative.rsplit("#", 1)
-            if file_name not in array_files:
-                array_files[file_name] = image_array(dataset_dir / file_name)
-            images.append(array_files[file_name][int(index)])
+        addresses = [relative.rsplit("#", 1) for relative, _ in rows]
+        array_files = {name: image_array(dataset_dir / name) for name in dict.fromkeys(name for name, _ in addresses)}
+        indices = np.array([int(index) for _, index in addresses], dtype=np.int64)
+        if len(array_files) == 1:
+            # every image of one file in order is the file itself: a memory-mapped `.npy` stays mapped
+            (array,) = array_files.values()
+            whole = len(indices) == len(array) and bool((indices == np.arange(len(array))).all())
+            return Samples(labels=labels, arrays=array if whole else array[indices], class_names=manifest.classes)
+        images = [array_files[name][index] for (name, _), index in zip(addresses, indices, strict=True)]
         return Samples(labels=labels, arrays=np.stack(images), class_names=manifest.classes)
     return Samples(labels=labels, paths=[dataset_dir / relative for relative, _ in rows], class_names=manifest.classes)
 

@@ -37,13 +37,10 @@ def build_transforms(augment: str, image_size: int, timm_config: dict | None = N
             raise ValueError("augment 'timm' needs the backbone's timm data configuration")
         return create_transform(**timm_config, is_training=True), create_transform(**timm_config, is_training=False)
     if augment == "paper":
-        train = T.Compose(
-            [
-                T.RandomResizedCrop(image_size, scale=(0.05, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-                T.RandomHorizontalFlip(0.5),
-                T.ToTensor(),
-            ]
-        )
+        # torchvision's RandomResizedCrop + flip with draws the batched transform reproduces from a seed
+        from ntkcl.data.batched_transforms import PerImageRandomResizedCrop
+
+        train = PerImageRandomResizedCrop(image_size)
         test = T.Compose(
             [
                 T.Resize(paper_resize(image_size), interpolation=T.InterpolationMode.BICUBIC),

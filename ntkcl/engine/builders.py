@@ -20,6 +20,7 @@ from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream, TaskSource, compose, task_sizes
 from ntkcl.data.transforms import build_transforms
 from ntkcl.engine.distributed import DistributedContext
+from ntkcl.engine.feed import check_feed_setting
 from ntkcl.errors import BadInputError
 from ntkcl.methods.base import ContinualMethod
 from ntkcl.methods.registry import get_method, validate_params
@@ -163,6 +164,7 @@ def complete_config(config: RunConfig) -> RunConfig:
     check_capabilities(method, definition, resolved.stream.scenario)
     if definition is not None:
         member_plugins(definition, data_root(config))
+    check_feed_setting(resolved)
     if resolved.runtime.num_workers is None:
         resolved.runtime.num_workers = min(4, os.cpu_count() or 1)
     return resolved

@@ -22,6 +22,7 @@ from ntkcl.data.loaders import ImageDataset, Samples, ShardSampler
 from ntkcl.data.scenarios import TASK_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.engine.distributed import DistributedContext
+from ntkcl.engine.feed import DeviceFeed
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.methods.base import ContinualMethod, TaskInfo
 
@@ -36,7 +37,8 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 @dataclass(frozen=True)
 class ScoringLoader:
-    """How evaluation and end-of-task statistics read a stream: test transform, batches, workers, precision.
+    """How evaluation and end-of-task statistics read a stream: test transform, batches, workers, precision,
+    and the device feed when the run uses it (`ntkcl.engine.feed`; the same shards, the same pixels).
 
     Each process reads its own shard without padding, so sums over processes count every image once.
     """
@@ -47,16 +49,28 @@ class ScoringLoader:
     batch_size: int
     num_workers: int
     precision: str = "auto"
+    feed: DeviceFeed | None = None
 
     @classmethod
-    def for_run(cls, config: RunConfig, stream: Stream, transform: Callable, ctx: DistributedContext) -> ScoringLoader:
+    def for_run(
+        cls,
+        config: RunConfig,
+        stream: Stream,
+        transform: Callable,
+        ctx: DistributedContext,
+        feed: DeviceFeed | None = None,
+    ) -> ScoringLoader:
         """The run configuration's evaluation batch size, workers and precision."""
         runtime = config.runtime
-        return cls(stream, transform, ctx, config.optim.eval_batch_size, runtime.num_workers, runtime.precision)
+        batch_size = config.optim.eval_batch_size
+        return cls(stream, transform, ctx, batch_size, runtime.num_workers, runtime.precision, feed)
 
     def batches(self, images: Samples, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's shard of `images[indices]`, on its device."""
         device = self.ctx.device
+        if self.feed is not None and self.feed.serves(images):
+            yield from self.feed.scoring_batches(images, indices, self.ctx.rank, self.ctx.world_size, self.batch_size)
+            return
         loader = DataLoader(
             Subset(ImageDataset(images, self.transform), indices.tolist()),
             batch_size=self.batch_size,
@@ -64,6 +78,7 @@ class ScoringLoader:
             num_workers=self.num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
+            generator=torch.Generator(),  # its workers' base seed must not move the global generator
         )
         for batch_images, labels in loader:
             yield batch_images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

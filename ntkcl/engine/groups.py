@@ -46,6 +46,8 @@ PLACEMENT_FIELDS = (
     ("runtime", "log"),
     ("runtime", "compile"),
     ("stream", "data_root"),
+    ("data", "feed"),
+    ("data", "feed_memory_fraction"),
 )
 # The metrics a group summarises: the class-incremental ones, then MTIL's (task-incremental streams only).
 GROUP_METRICS = (
@@ -238,7 +240,7 @@ def prepare_member(member: Member, config: RunConfig, placement: dict) -> RunCon
     saved = rundir.read_json(member.path / rundir.CONFIG_FILE)
     for section, key in PLACEMENT_FIELDS:
         if key in placement.get(section, {}):
-            saved[section][key] = placement[section][key]
+            saved.setdefault(section, {})[key] = placement[section][key]  # runs saved before a section existed
     return validate(saved)
 
 

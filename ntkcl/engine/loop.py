@@ -29,11 +29,13 @@ from ntkcl.config import RunConfig, save_config
 from ntkcl.data.scenarios import CLASS_INCREMENTAL
 from ntkcl.data.stream import Stream
 from ntkcl.engine import rundir
-from ntkcl.engine.builders import StreamProvenance, build_run_transforms
+from ntkcl.engine.builders import StreamProvenance, build_run_transforms, data_root
 from ntkcl.engine.compile import compile_method, compile_seconds, plan_compilation
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for, evaluate, evaluates_untrained_tasks
+from ntkcl.engine.feed import DEVICE, DeviceFeed, choose_feed
 from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.phases import PhaseClock
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
 from ntkcl.engine.reference import has_reference, reference_matrix, reference_summary
@@ -114,7 +116,11 @@ class Trainer:
         )
         self.compiled = compile_method(self.method, self.compile_plan, self.reporter.message)
         self.train_transform, test_transform = build_run_transforms(config, self.backbone)
-        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx)
+        self.feed_choice = choose_feed(config, self.stream, ctx.device)
+        self.feed = None
+        if self.feed_choice.feed == DEVICE:
+            self.feed = DeviceFeed.build(config, self.stream, ctx, data_root(config), self.backbone.img_size)
+        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx, self.feed)
         self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
         self.zero_shot: list[tuple[int, int]] | None = None
         self.tracking = Tracking([], run_dir, {})
@@ -166,6 +172,8 @@ class Trainer:
             plan = self.compile_plan
             event = {"event": "compile", "enabled": plan.enabled, "reason": plan.reason, "targets": self.compiled}
             rundir.append_log(self.run_dir, {**event, "mode": plan.mode} if plan.enabled else event)
+            rundir.append_log(self.run_dir, {"event": "feed", **dataclasses.asdict(self.feed_choice)})
+            self.reporter.message(f"data feed: {self.feed_choice.feed} ({self.feed_choice.reason})")
         if evaluates_untrained_tasks(self.method, self.stream):
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
         # Before any saved state is loaded, so a method's merged weight deltas are not in the reference's features.
@@ -232,19 +240,23 @@ class Trainer:
         ctx, config = self.ctx, self.config
         started = time.perf_counter()
         compiled_before = compile_seconds() if self.compiled else 0.0
-        seed_everything(derived_seed(config.runtime.seed, task.index))
-        self.method.begin_task(task)
-        self.method.to(ctx.device)
-        # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
-        with autocast_for(ctx.device, config.runtime.precision):
-            self.method.prepare_task(task, TaskImages(self.scoring, task))
+        clock = PhaseClock(ctx.device, compile_seconds if self.compiled else None)
+        start_mark = clock.mark()
+        with clock.phase("setup"):
+            seed_everything(derived_seed(config.runtime.seed, task.index))
+            self.method.begin_task(task)
+            self.method.to(ctx.device)
+            # Before the per-rank seed: a data-dependent initialisation must draw the same numbers on every rank.
+            with autocast_for(ctx.device, config.runtime.precision):
+                self.method.prepare_task(task, TaskImages(self.scoring, task))
         trainable = sum(parameter.numel() for parameter in self.method.parameters() if parameter.requires_grad)
-        epochs = self._train(task, snapshot)
+        epochs = self._train(task, snapshot, clock)
         seed_everything(derived_seed(config.runtime.seed, task.index, 1 + ctx.rank))
         self.method.eval()
-        with torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
+        with clock.phase("statistics"), torch.no_grad(), autocast_for(ctx.device, config.runtime.precision):
             diagnostics = self.method.end_task(task, TaskImages(self.scoring, task))
-        scores = evaluate(self.method, self.scoring, task)
+        with clock.phase("evaluation"):
+            scores = evaluate(self.method, self.scoring, task)
         seconds = time.perf_counter() - started
         record = {
             "task": task.index,
@@ -260,15 +272,18 @@ class Trainer:
         if ctx.is_main:
             if self.compiled:
                 record["compile_s"] = compile_seconds() - compiled_before
-            state = self.method.learned_state()
-            rundir.save_checkpoint(self.run_dir, task.index, state, record, self.method.is_training_only)
-            if task.index > 0:
-                rundir.drop_training_state(rundir.checkpoint_dir(self.run_dir, task.index - 1))
-            rundir.remove_snapshots(self.run_dir)
-            rundir.append_log(self.run_dir, {"event": "task_end", **record})
-            records = [*earlier, record]
-            seen = self._write_metrics(records, finished=task.is_last)["all_seen_accuracy"][-1]
-            self.tracking.task_end(self._matrix(records))
+            with clock.phase("checkpoint"):
+                state = self.method.learned_state()
+                rundir.save_checkpoint(self.run_dir, task.index, state, record, self.method.is_training_only)
+                if task.index > 0:
+                    rundir.drop_training_state(rundir.checkpoint_dir(self.run_dir, task.index - 1))
+                rundir.remove_snapshots(self.run_dir)
+                records = [*earlier, record]
+                seen = self._write_metrics(records, finished=task.is_last)["all_seen_accuracy"][-1]
+                self.tracking.task_end(self._matrix(records))
+            wall = time.perf_counter() - started
+            phases = clock.since(start_mark, wall)
+            rundir.append_log(self.run_dir, {"event": "task_end", **record, "wall_s": wall, "phases": phases})
             scope = (
                 f"{task.total_classes} seen classes"
                 if task.scenario == CLASS_INCREMENTAL
@@ -280,22 +295,25 @@ class Trainer:
         ctx.barrier()
         return record
 
-    def _train(self, task: TaskInfo, snapshot: Path | None) -> list[dict]:
+    def _train(self, task: TaskInfo, snapshot: Path | None, clock: PhaseClock) -> list[dict]:
         """Train the current task (from `snapshot` when resuming inside it); returns one record per epoch."""
         trainable = [p for p in self.method.parameters() if p.requires_grad]
         if not trainable or self.config.optim.epochs_of(task.index) == 0:
             return []
-        training = TaskTraining(
-            self.method,
-            task,
-            self.stream,
-            self.train_transform,
-            self.config,
-            self.ctx,
-            self.reporter,
-            self.tracking,
-            self.run_dir,
-        )
+        with clock.phase("setup"):
+            training = TaskTraining(
+                self.method,
+                task,
+                self.stream,
+                self.train_transform,
+                self.config,
+                self.ctx,
+                self.reporter,
+                self.tracking,
+                self.run_dir,
+                clock,
+                self.feed,
+            )
         return training.run(snapshot)
 
 

@@ -11,6 +11,9 @@ rank 0 writes a snapshot: the method's training state (including this task's tra
 optimizer and schedule, the position (epoch, step) and the epoch's running sums. The random streams are
 functions of the position (`ntkcl.engine.seeding`), so a run resumed from a snapshot trains exactly as the
 uninterrupted run did.
+
+Batches come from either feed (`ntkcl.engine.feed`) through the same sampler; the step's phases (waiting for
+data, forward and backward, optimizer) are timed by the task's `PhaseClock` and logged per epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +35,10 @@ from ntkcl.data.stream import Stream
 from ntkcl.engine import rundir
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.evaluate import autocast_for
+from ntkcl.engine.feed import DeviceFeed
 from ntkcl.engine.interrupt import StopRequest, ignore_interrupts
 from ntkcl.engine.optim import TaskOptimization
+from ntkcl.engine.phases import PhaseClock, data_wait_share
 from ntkcl.engine.progress import Reporter
 from ntkcl.engine.seeding import AUGMENTATION_STREAM, STEP_STREAM, derived_seed, seed_everything
 from ntkcl.engine.tracking import Tracking
@@ -152,34 +158,50 @@ def train_step(
     parts: list[MicroBatch],
     device: torch.device,
     precision: str,
+    clock: PhaseClock | None = None,
 ) -> dict[str, torch.Tensor]:
     """One step over this rank's batch; returns the logged terms summed over its real images (and stages).
 
     For each of the method's `training_stages` (one for most methods, see `ntkcl.methods.base`): each
     micro-batch is forwarded through `model` with the stage's name and back-propagated with its weights (DDP
     synchronises gradients on the last one only), the method adjusts the gradients, and `optimization.update()`
-    clips and updates. The schedule then advances once for the whole batch.
+    clips and updates. The schedule then advances once for the whole batch. With a `clock`, the passes are
+    timed as `forward_backward` and the rest as `optimizer`.
     """
+
+    def timed(name: str) -> contextlib.AbstractContextManager:
+        return clock.phase(name) if clock is not None else contextlib.nullcontext()
+
     sums: dict[str, torch.Tensor] = {}
     for stage in method.training_stages():
-        optimization.optimizer.zero_grad(set_to_none=True)
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
-            with no_sync or contextlib.nullcontext():
-                part_images = images[part.start : part.stop].to(device, non_blocking=True)
-                part_labels = labels[part.start : part.stop].to(device, non_blocking=True)
-                with autocast_for(device, precision):
-                    loss, batch_sum, logs = model(part_images, part_labels, stage)
-                (loss * part.loss_weight + batch_sum * part.batch_sum_weight).backward()
-            # Logged per image like the mean terms: the part's sum spread over the step's real images.
-            part_loss = loss.detach() + batch_sum.detach() * part.step_images / len(part_labels)
-            for key, value in {"loss": part_loss, **logs}.items():
-                value = value.detach().float() * part.real if part.real else torch.zeros((), device=device)
-                sums[key] = sums[key] + value if key in sums else value
-        method.adjust_gradients(stage)
-        optimization.update()
-    optimization.end_step()
+        with timed("optimizer"):
+            optimization.optimizer.zero_grad(set_to_none=True)
+        with timed("forward_backward"):
+            sums = _forward_backward(model, stage, images, labels, parts, device, precision, sums)
+        with timed("optimizer"):
+            method.adjust_gradients(stage)
+            optimization.update()
+    with timed("optimizer"):
+        optimization.end_step()
+    return sums
+
+
+def _forward_backward(model, stage, images, labels, parts: list[MicroBatch], device, precision, sums: dict) -> dict:
+    """Forward and back-propagate each micro-batch of one stage; adds its logged terms to `sums`."""
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
+        with no_sync or contextlib.nullcontext():
+            part_images = images[part.start : part.stop].to(device, non_blocking=True)
+            part_labels = labels[part.start : part.stop].to(device, non_blocking=True)
+            with autocast_for(device, precision):
+                loss, batch_sum, logs = model(part_images, part_labels, stage)
+            (loss * part.loss_weight + batch_sum * part.batch_sum_weight).backward()
+        # Logged per image like the mean terms: the part's sum spread over the step's real images.
+        part_loss = loss.detach() + batch_sum.detach() * part.step_images / len(part_labels)
+        for key, value in {"loss": part_loss, **logs}.items():
+            value = value.detach().float() * part.real if part.real else torch.zeros((), device=device)
+            sums[key] = sums[key] + value if key in sums else value
     return sums
 
 
@@ -208,12 +230,16 @@ class TaskTraining:
         reporter: Reporter,
         tracking: Tracking,
         run_dir: Path,
+        clock: PhaseClock,
+        feed: DeviceFeed | None = None,
     ):
         self.method, self.task, self.config, self.ctx = method, task, config, ctx
         self.reporter, self.tracking, self.run_dir = reporter, tracking, run_dir
+        self.clock, self.feed = clock, feed
         settings, seed = config.optim, config.runtime.seed
         self.per_process = per_process_batch(settings.batch_size, ctx.world_size, settings.accumulation_steps)
-        self.dataset = SeededImages(ImageDataset(stream.train, transform), stream.train_indices(task).tolist())
+        self.indices = stream.train_indices(task)
+        self.dataset = SeededImages(ImageDataset(stream.train, transform), self.indices.tolist())
         self.sampler = EpochSampler(
             self.dataset,
             num_replicas=ctx.world_size,
@@ -228,8 +254,9 @@ class TaskTraining:
             sampler=self.sampler,
             num_workers=workers,
             pin_memory=ctx.device.type == "cuda",
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0 and feed is None,
             worker_init_fn=ignore_interrupts if workers > 0 else None,
+            generator=torch.Generator(),  # its workers' base seed must not move the global generator
         )
         self.shards = ShardedBatches(len(self.dataset), settings.batch_size, ctx.world_size, ctx.rank)
         updates_per_epoch = math.ceil(self.sampler.num_samples / self.per_process)
@@ -249,6 +276,10 @@ class TaskTraining:
     def _save_snapshot(self, progress: Progress) -> None:
         if not self.ctx.is_main:
             return
+        with self.clock.phase("checkpoint"):
+            self._write_snapshot(progress)
+
+    def _write_snapshot(self, progress: Progress) -> None:
         position = {
             "task": self.task.index,
             "epoch": progress.epoch,
@@ -268,7 +299,10 @@ class TaskTraining:
     def run(self, snapshot: Path | None = None) -> list[dict]:
         """Train the remaining epochs; returns one log record per epoch of the task."""
         method, ctx = self.method, self.ctx
-        progress = self._restore(snapshot) if snapshot is not None else Progress()
+        progress = Progress()
+        if snapshot is not None:
+            with self.clock.phase("checkpoint"):
+                progress = self._restore(snapshot)
         model = method
         if ctx.enabled:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -283,19 +317,40 @@ class TaskTraining:
                 self._end_epoch(progress)
         return progress.history
 
+    def _batches(self):
+        """This epoch's batches from the sampler's position on, from the configured feed."""
+        if self.feed is None:
+            return iter(self.loader)
+        return self.feed.training_batches(self.indices, self.sampler, self.per_process)
+
     def _train_epoch(self, model, progress: Progress, stop: StopRequest) -> None:
         """The steps of `progress.epoch` from `progress.step` on."""
-        method, ctx, config, task = self.method, self.ctx, self.config, self.task
+        method, ctx, config, task, clock = self.method, self.ctx, self.config, self.task, self.clock
         method.train()
         first_step = progress.step
         self.sampler.set_position(progress.epoch, skip=first_step * self.per_process)
         label = f"task {task.index + 1}/{task.num_tasks} epoch {progress.epoch + 1}/{self.epochs}"
         self.reporter.start_epoch(label, len(self.loader))
-        for step, (images, labels) in enumerate(self.loader, start=first_step):
+        self._epoch_mark, self._epoch_started = clock.mark(), time.perf_counter()
+        batches, step = self._batches(), first_step
+        while True:
+            with clock.phase("data_wait"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            images, labels = batch
             seed_everything(derived_seed(STEP_STREAM, config.runtime.seed, task.index, progress.epoch, step, ctx.rank))
             parts = self.shards.micro_batches(step, len(labels), config.optim.accumulation_steps)
             sums = train_step(
-                model, self.method, self.optimization, images, labels, parts, ctx.device, config.runtime.precision
+                model,
+                self.method,
+                self.optimization,
+                images,
+                labels,
+                parts,
+                ctx.device,
+                config.runtime.precision,
+                clock,
             )
             for key, value in sums.items():
                 progress.totals[key] = progress.totals[key] + value if key in progress.totals else value
@@ -305,6 +360,7 @@ class TaskTraining:
                 self.reporter.end_epoch("interrupted")
                 self._save_snapshot(progress)
                 raise KeyboardInterrupt
+            step += 1
 
     def _end_epoch(self, progress: Progress) -> None:
         ctx, task, epoch = self.ctx, self.task, progress.epoch
@@ -314,12 +370,13 @@ class TaskTraining:
         means = {key: (ctx.all_reduce_sum(value.clone()) / size).item() for key, value in progress.totals.items()}
         if not math.isfinite(means["loss"]):
             raise RunFailedError(f"the loss became {means['loss']} in task {task.index} epoch {epoch}")
+        phases = self.clock.since(self._epoch_mark, time.perf_counter() - self._epoch_started)
         summary = ", ".join(f"{key} {value:.4f}" for key, value in sorted(means.items()))
-        rate = self.reporter.end_epoch(summary)
+        rate = self.reporter.end_epoch(f"{summary}, data wait {data_wait_share(phases):.0%}")
         record = {"task": task.index, "epoch": epoch, "lr": progress.epoch_lr, **means, "images_per_s": rate}
         progress.history.append(record)
         if ctx.is_main:
-            rundir.append_log(self.run_dir, {"event": "epoch_end", **record})
+            rundir.append_log(self.run_dir, {"event": "epoch_end", **record, "phases": phases})
             self.tracking.epoch_end(record, task.index * self.config.optim.epochs + epoch + 1)
         progress.epoch, progress.step, progress.totals = epoch + 1, 0, {}
         every = self.config.runtime.snapshot_epochs

@@ -45,6 +45,10 @@ A method whose `evaluates_per_task_batch` is true is handed evaluation batches t
 of one task only (PROTEUS retrieving one task per test batch); other methods get batches over all seen
 tasks' images.
 
+`predict` (and `predict_with_task`) must stay differentiable with respect to the learned state when
+gradients are enabled: the engine and exports call them under `torch.no_grad`, and `ntkcl diagnose`
+differentiates them (`ntkcl.diagnostics`).
+
 A method declares what it saves (`learned_state`: everything but the frozen backbone and `transient`
 modules; `training_only` marks the part needed to continue training but not to predict). Methods never
 import the engine: statistics they need across processes go through `TaskData.all_reduce_sum`.

@@ -175,6 +175,8 @@ class CLLoRA(ContinualMethod):
     name = "cl-lora"
     Params = CLLoRAParams
     transient = ("proxy_head", "teacher")
+    # Backbone passes whose adapters come in as arguments: the same graph for every task's adapters.
+    compile_targets = ("task_feature", "early_exit_feature")
     required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS, FUSED_QKV_ATTENTION)
     citation = (
         "@inproceedings{he2025cllora, title={Continual Low-Rank Adaptation for Rehearsal-Free Class-Incremental "
@@ -355,6 +357,5 @@ class CLLoRA(ContinualMethod):
             total += size
         return sizes
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.prototypes.per_task(self.stored_task_features(images), self._finished_sizes())

@@ -358,7 +358,6 @@ class NTKCL(ContinualMethod):
         self.prototypes.set_rows(task.known_classes, means)
         self.seen_classes = task.total_classes
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         feature = self._feature_for_prototypes(images)
         return section_logits(feature, self.prototypes.prototypes[: self.seen_classes], self.section_weights)

@@ -92,7 +92,6 @@ class PromptMethod(ContinualMethod):
         logs = {"ce": cross_entropy.detach(), **prompt_loss.logs, "train_acc": accuracy.detach()}
         return StepOutput(cross_entropy + prompt_loss.loss, logs)
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.features(images)[0])
 

@@ -436,7 +436,6 @@ class Proteus(ContinualMethod):
         )
         return torch.stack([score(signature, embeddings[t]) for t, signature in enumerate(self.signatures)])
 
-    @torch.no_grad()
     def predict_with_task(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = self.embed(images, list(range(len(self.signatures))))
         scores = self._scores(embeddings)
@@ -454,7 +453,6 @@ class Proteus(ContinualMethod):
             logits = logits.masked_fill(outside, float("-inf"))
         return logits, retrieved
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict_with_task(images)[0]
 

@@ -62,6 +62,9 @@ class RanPAC(ContinualMethod):
         "Ehsan and van den Hengel, Anton}, booktitle={NeurIPS}, year={2023}}"
     )
 
+    # the backbone pass (with the first task's adapters, frozen afterwards) serves every task
+    compile_targets = ("features",)
+
     def __init__(self, backbone: Backbone, params: RanPACParams):
         super().__init__(backbone, params)
         dim = backbone.embed_dim
@@ -106,7 +109,6 @@ class RanPAC(ContinualMethod):
         self.seen_classes = task.total_classes
         return {"ridge": ridge}
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))[:, : self.seen_classes]
 
