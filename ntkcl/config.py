@@ -16,11 +16,21 @@ import json
 import math
 import re
 import sys
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ntkcl.data.scenarios import SCENARIOS
 from ntkcl.errors import BadInputError
@@ -76,6 +86,16 @@ def out_of_range_number(value: Any, path: str = "") -> tuple[str, Any] | None:
     return None
 
 
+def _takes_numbers_only(annotation: Any) -> bool:
+    """Whether a field's type is int or float (or a union of them with None): no text or boolean means one."""
+    if get_origin(annotation) is Annotated:
+        return _takes_numbers_only(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        return bool(kinds) and all(_takes_numbers_only(kind) for kind in kinds)
+    return annotation in (int, float)
+
+
 class StrictModel(BaseModel):
     """Unknown keys are refused, and so are NaN, infinity and integers beyond 2**32 - 1 in any field.
 
@@ -83,7 +103,18 @@ class StrictModel(BaseModel):
     and new methods are covered without a line of their own: a weight that can only produce NaN is bad input.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # No protected namespace: hyper-parameters such as NTK-CL's `model_name` are fields, and pydantic before
+    # 2.10 warns about every field that starts with `model_`.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number field takes numbers only: pydantic's lax mode would read `true`, `"2"` or YAML's `yes`."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and isinstance(value, (bool, str)) and _takes_numbers_only(field.annotation):
+            raise ValueError(f"must be a number, not the {type(value).__name__} {value!r}")
+        return value
 
     @field_validator("*")
     @classmethod
@@ -429,4 +460,15 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 
 def load_config(path: Path) -> RunConfig:
-    return validate(json.loads(path.read_text(encoding="utf-8")))
+    """A saved config.json; BadInputError naming the file when it is unreadable, not JSON or invalid."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise BadInputError(f"{path} cannot be read: {reason}") from error
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    try:
+        return validate(data)
+    except BadInputError as error:
+        raise BadInputError(f"{path}: {error}") from error

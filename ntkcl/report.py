@@ -38,6 +38,7 @@ from ntkcl.engine import rundir
 from ntkcl.engine.groups import GROUP_METRICS, Group, is_group, mean_sd
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.errors import BadInputError
+from ntkcl.extras import require
 from ntkcl.models.shipped import RANDOM_INIT
 
 INDEX_FILE = "index.html"
@@ -247,11 +248,7 @@ def _set_labels(entries: list) -> None:
 
 def _pyplot_free_figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no pyplot state, no display needed)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise BadInputError("ntkcl report draws with matplotlib: pip install 'ntkcl[report]'") from error
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return require("matplotlib.figure").Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def draw_heatmap(run: RunSummary | GroupSummary, path: Path) -> None:

@@ -50,8 +50,10 @@ def test_unset_and_whole_tables_delete_preset_keys():
     assert cleared.backbone.model_kwargs == {} and cleared.optim.lr == 0.5
     assert cleared.backbone.name == "vit_tiny_patch16_224"  # the rest of the preset stays
 
-    reverted = resolve_config(overrides={"stream": {"dataset": "digits"}}, unset=["backbone.pretrained", "x.y"])
+    reverted = resolve_config(overrides={"stream": {"dataset": "digits"}}, unset=["backbone.pretrained"])
     assert reverted.backbone.pretrained is True and reverted.backbone.model_kwargs["depth"] == 4
+    with pytest.raises(BadInputError, match="x is not a config field"):  # the same check as `--unset`
+        resolve_config(overrides={"stream": {"dataset": "digits"}}, unset=["x.y"])
 
 
 def test_bare_and_deprecated_names_resolve_to_their_tag():

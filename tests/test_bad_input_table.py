@@ -228,6 +228,33 @@ ISSUE_CASES = [
 ]
 
 
+# The cases reported after that: degenerate architectures, sizes no machine holds, dataset options, lax
+# numbers and paths. (arguments, whether `--stream digits --method ntk-cl` is added, a fragment of the line)
+SYNTHETIC = ["--stream", "synthetic", "--method", "simplecil", "--set"]
+LATER_CASES = [
+    (["--set", "backbone.model_kwargs.patch_size=0"], True, "backbone.model_kwargs.patch_size"),
+    (["--set", "backbone.model_kwargs.num_heads=0"], True, "backbone.model_kwargs.num_heads"),
+    (["--set", "backbone.model_kwargs={img_size=32, patch_size=7}"], True, "does not divide img_size 32"),
+    (["--set", "backbone.model_kwargs.depth=1000000"], True, "backbone.model_kwargs.depth"),
+    (["--set", "backbone.model_kwargs={embed_dim=65536, num_heads=1}"], True, "GiB of parameters"),
+    (["--set", "backbone.model_kwargs.embed_dim=65"], True, "divisible"),
+    (["--set", "method.params.bottleneck=100000000"], True, "method.params.bottleneck=100000000"),
+    (["--set", "method.params.num_prompts=1000000000"], True, "method.params.num_prompts=1000000000"),
+    ([*SYNTHETIC, 'stream.dataset_options.classes="x"'], False, "stream.dataset_options.classes"),
+    ([*SYNTHETIC, "stream.dataset_options.classes=1e9"], False, "stream.dataset_options.classes"),
+    ([*SYNTHETIC, "stream.dataset_options.classes=1000000000"], False, "stream.dataset_options.classes"),
+    ([*SYNTHETIC, "stream.dataset_options.seed=-1"], False, "stream.dataset_options.seed"),
+    ([*SYNTHETIC, "stream.dataset_options.size=100000"], False, "stream.dataset_options.size"),
+    ([*SYNTHETIC, "stream.dataset_options.classes=true"], False, "stream.dataset_options.classes"),
+    (["--set", "optim.epochs=true"], True, "optim.epochs"),
+    (["--set", 'optim.epochs="2"'], True, "optim.epochs"),
+    (["--set", 'optim.lr="0.1"'], True, "optim.lr"),
+    (["--weights", "/proc/self/mem"], True, "cannot be read"),
+    (["--out", "~nonexistentuser/x"], True, "~nonexistentuser"),
+    (["--data-root", "~nonexistentuser/x"], True, "~nonexistentuser"),
+]
+
+
 class ReachedTheRun(BaseException):
     """Raised by the tripwire: a case got past validation (a BaseException, so the CLI cannot map it)."""
 
@@ -289,6 +316,30 @@ def test_malformed_other_options(refuse, name, args):
 @pytest.mark.parametrize("args", ISSUE_CASES)
 def test_reported_cases(refuse, args):
     refuse(*args)
+
+
+@pytest.mark.parametrize(("args", "new_run", "fragment"), LATER_CASES)
+def test_later_reported_cases(refuse, args, new_run, fragment):
+    assert fragment in refuse(*args, new_run=new_run)
+
+
+def test_yaml_yes_is_not_a_number(refuse, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  epochs: yes\n")
+    assert "optim.epochs" in refuse("--config", config)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("prepare", "digits", "--data-root", "/proc/forbidden"),
+        ("prepare", "digits", "--data-root", "/etc/passwd"),
+        ("eval", "~nonexistentuser/x"),
+        ("export", "~nonexistentuser/x"),
+    ],
+)
+def test_paths_of_other_commands(cli, command):
+    assert_one_line_error(cli(*command))
 
 
 def test_every_train_option_has_cases():

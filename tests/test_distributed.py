@@ -81,7 +81,7 @@ def test_finetune_two_processes_match_one_process(cli, data_root, tmp_path):
             torch.testing.assert_close(state_two[key], value, rtol=0, atol=1e-5, msg=key)
     for log_one, log_two in zip(epoch_logs(run_one), epoch_logs(run_two), strict=True):
         assert log_two["loss"] == pytest.approx(log_one["loss"], rel=1e-5)
-        assert log_two["train_acc"] == pytest.approx(log_one["train_acc"], abs=1e-6)
+        assert log_two["train_acc"] == pytest.approx(log_one["train_acc"], abs=1e-4)  # percent
 
 
 @pytest.mark.parametrize(("size", "world_size"), [(721, 2), (716, 2), (33, 4), (3, 4), (65, 3)])

@@ -28,7 +28,9 @@ from ntkcl.export import (
     load_pretrained,
     task_infos,
 )
-from ntkcl.export.card import EVALUATED
+from ntkcl.export.card import EVALUATED, card_data
+from ntkcl.export.checksums import write_checksums
+from ntkcl.files import FOLDER_MARKER
 from ntkcl.methods.registry import discover_methods
 from tests.test_cli_bad_input import assert_one_line_error
 
@@ -86,7 +88,7 @@ def test_folder_contents_and_config_schema(cli, run_of, tmp_path):
     run = run_of("finetune")
     folder = tmp_path / "export"
     assert cli("export", run, "--out", folder).code == 0
-    assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
 
     with safe_open(folder / WEIGHTS_NAME, "pt") as weights:
         assert weights.metadata() == {"format": "pt"}
@@ -147,7 +149,7 @@ def test_card_metadata_parses_back_as_hub_metadata(cli, run_of, tmp_path):
     assert cli("export", run, "--out", folder).code == 0
     card = ModelCard.load(folder / CARD_NAME)
     data = card.data
-    assert data.datasets == ["digits"] and data.metrics == ["accuracy"]
+    assert data.datasets is None and data.metrics == ["accuracy"]  # digits has no copy on the Hub
     assert (data.license, data.license_name) == ("other", "unspecified")
     assert data.license_link == get_dataset("digits").homepage and "## Licence" in card.text
     metrics = json.loads((run / "metrics.json").read_text())
@@ -161,6 +163,15 @@ def test_card_metadata_parses_back_as_hub_metadata(cli, run_of, tmp_path):
             "test",
         )
     assert card.text.count("@article{liu2024ntkcl") == 1  # one citation per method
+    document = json.loads((folder / CONFIG_NAME).read_text())
+    assert f"pip install 'ntkcl=={document['ntkcl_version']}'" in card.text
+    assert f"| `optim.lr` | `{json.dumps(document['training']['optim']['lr'])}` |" in card.text
+    for key, value in document["method_params"].items():
+        assert f"| `method.params.{key}` | `{json.dumps(value)}` |" in card.text
+    document["stream"]["dataset"] = "cifar100"  # a dataset the Hub has: its id, not the plugin name
+    hub = card_data(document, metrics)
+    assert hub.datasets == ["uoft-cs/cifar100"]
+    assert {result.dataset_type for result in hub.eval_results} == {"uoft-cs/cifar100"}
     summary = json.loads((folder / HUB_CONFIG_NAME).read_text())
     assert (summary["method"], summary["adapter_config"], summary["weights"]) == ("ntk-cl", CONFIG_NAME, WEIGHTS_NAME)
 
@@ -214,10 +225,12 @@ def test_unfinished_run_exports_its_finished_tasks(cli, run_of, tmp_path):
 
 
 def _edit_config(folder, **changes):
+    """Change adapter_config.json and record its new sha256, so the content itself is what is checked."""
     path = folder / CONFIG_NAME
     document = json.loads(path.read_text())
     document.update(changes)
     path.write_text(json.dumps(document))
+    write_checksums(folder)
 
 
 def test_loading_bad_exports_is_one_line_exit_2(cli, run_of, tmp_path):
@@ -265,5 +278,5 @@ def test_export_refuses_to_clobber_a_foreign_folder(cli, run_of, tmp_path):
     again = tmp_path / "again"
     assert cli("export", run_of("finetune"), "--out", again).code == 0
     assert cli("export", run_of("finetune"), "--out", again).code == 0
-    assert sorted(p.name for p in again.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in again.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
     assert_one_line_error(cli("export", run_of("finetune"), "--repo-id", "a/b"), "only apply with --hub")

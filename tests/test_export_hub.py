@@ -17,6 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import ntkcl
 from ntkcl.export import CARD_NAME, CONFIG_NAME, EXPORT_FILES, render_card
+from ntkcl.files import FOLDER_MARKER
 from tests.test_cli_bad_input import assert_one_line_error
 
 TOKEN = "hf_secretTOKENvalue123"
@@ -207,7 +208,7 @@ def test_no_write_access_is_bad_input_and_keeps_the_local_export(fake_hub, expor
     fake_hub.fail[step] = http_error(403, f"403 Forbidden: token {TOKEN} cannot write to this namespace")
     result, folder = exporting("--hub")
     assert_one_line_error(result, "no write access", "fake-user/ntkcl-digits-finetune", "local export")
-    assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
     assert ntkcl.load_pretrained(folder).predict(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
 
@@ -216,7 +217,7 @@ def test_a_network_failure_during_upload_exits_1_without_the_token(fake_hub, exp
     result, folder = exporting("--hub")
     assert result.code == 1
     assert "connection reset" in result.err and "***" in result.err
-    assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPORT_FILES, FOLDER_MARKER])
 
 
 def test_load_from_a_hub_repo_through_snapshot_download(cli, run_of, tmp_path, monkeypatch):
@@ -281,9 +282,10 @@ def test_push_to_hub_from_python_keeps_the_backbone_out(fake_hub, run_of, tmp_pa
 
 
 def test_card_marker_survives_a_round_trip_through_render(run_of):
+    from ntkcl.engine.run_reader import read_run_folder
     from ntkcl.export import build_export_config, card_is_generated
 
-    document, _ = build_export_config(run_of("simplecil"))
+    document = build_export_config(read_run_folder(run_of("simplecil")))
     metrics = json.loads((run_of("simplecil") / "metrics.json").read_text())
     card = render_card(document, metrics, repo_id="a/b")
     assert card == render_card(document, metrics, repo_id="a/b")

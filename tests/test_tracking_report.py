@@ -93,7 +93,7 @@ def test_missing_tracker_package_exits_2_before_the_run(cli, data_root, tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     result = cli(*RUN, "--method", "simplecil", "--log", "wandb", "--out", tmp_path / "runs")
     assert result.code == 2
-    assert result.json()["error"] == "--log wandb needs the wandb package: pip install 'ntkcl[wandb]'"
+    assert result.json()["error"] == "--log wandb needs wandb: pip install 'ntkcl[wandb]'"
     assert not (tmp_path / "runs").exists()
 
 

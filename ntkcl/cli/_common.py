@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ntkcl._entry_points import DATASETS_GROUP, METHODS_GROUP, STREAMS_GROUP, entry_point_names
+from ntkcl.files import expand_user
 
 STATE: dict[str, Any] = {"json": False}
 
@@ -25,7 +26,7 @@ def non_empty_path(value: str | Path) -> Path:
         return value
     if not value.strip():
         raise typer.BadParameter("must not be empty")
-    return Path(value).expanduser()
+    return expand_user(value)
 
 
 def complete_datasets(incomplete: str) -> list[str]:
@@ -78,18 +79,33 @@ class _WarningLines(logging.Handler):
             stderr.print(line, markup=False, highlight=False)
 
 
+class HeldWarnings:
+    """Warnings held while the input is checked (see `warnings_after_checks`)."""
+
+    def __init__(self):
+        self.lines: list[str] | None = []
+        STATE["held_warnings"] = self.lines
+
+    def release(self) -> None:
+        """Every check has passed: show what was held and stop holding."""
+        if self.lines is None:
+            return
+        STATE["held_warnings"], lines, self.lines = None, self.lines, None
+        for line in lines:
+            stderr.print(line, markup=False, highlight=False)
+
+
 @contextlib.contextmanager
-def warnings_after_checks() -> Iterator[None]:
-    """Hold the warnings raised while the input is checked: shown once it passes, dropped when it is refused,
-    so that bad input stays one line."""
-    held: list[str] = []
-    STATE["held_warnings"] = held
+def warnings_after_checks() -> Iterator[HeldWarnings]:
+    """Hold the warnings raised while the input is checked: shown once it passes (`release()`, or the end of
+    the block), dropped when it is refused, so that bad input stays one line."""
+    held = HeldWarnings()
     try:
-        yield
-    finally:
+        yield held
+    except BaseException:
         STATE["held_warnings"] = None
-    for line in held:
-        stderr.print(line, markup=False, highlight=False)
+        raise
+    held.release()
 
 
 def route_warnings() -> None:

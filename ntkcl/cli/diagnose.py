@@ -21,7 +21,9 @@ def _task_list(value: str | None) -> list[int] | None:
 
 def diagnose(
     run_dir: Path = typer.Argument(..., parser=_common.non_empty_path, metavar="RUN_DIR", help="A run directory."),
-    probe: int = typer.Option(32, "--probe", min=2, help="Test and training images per task (seeded, recorded)."),
+    probe: int = typer.Option(
+        32, "--probe", min=2, metavar="N", help="Test and training images per task (seeded, recorded)."
+    ),
     tasks: str | None = typer.Option(
         None, "--tasks", metavar="I,J,...", help="Checkpoints to measure, by task index (default: every task)."
     ),
@@ -29,13 +31,14 @@ def diagnose(
         0,
         "--outputs",
         min=0,
+        metavar="K",
         help="Differentiate a seeded Gaussian projection of the seen-class logits to this many outputs (0: the logits).",
     ),
     energy: float = typer.Option(
-        0.9, "--energy", min=0.01, max=1.0, help="Spectrum share kept by each task's feature subspace."
+        0.9, "--energy", min=0.01, max=1.0, metavar="SHARE", help="Spectrum share kept by each task's feature subspace."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the probe draw and of the projection."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per Jacobian evaluation."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", help="Seed of the probe draw and of the projection."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="Images per Jacobian evaluation."),
     device: str | None = _common.device_option(None, "Where to compute (default: the run's device)."),
     data_root: Path | None = _common.DATA_ROOT_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),

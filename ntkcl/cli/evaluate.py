@@ -8,6 +8,7 @@ import typer
 
 from ntkcl.cli import _common
 from ntkcl.errors import BadInputError
+from ntkcl.files import expand_user
 
 
 def _print_export_result(result: dict) -> None:
@@ -27,16 +28,21 @@ def _print_export_result(result: dict) -> None:
 
 def evaluate(
     path: str = typer.Argument(
-        ..., help="A run directory, a seed group folder, an export folder, or a Hub repo id (user/name)."
+        ...,
+        metavar="PATH",
+        help="A run directory, a seed group folder, an export folder, or a Hub repo id (user/name).",
     ),
     stream: str | None = typer.Option(
         None,
         "--stream",
         "-s",
+        metavar="NAME",
         help="Exports only: score on another prepared dataset with the same classes (default: the export's).",
         autocompletion=_common.complete_datasets,
     ),
-    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit of a repo id."),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="REF", help="Hub branch, tag or commit of a repo id."
+    ),
     weights: Path | None = typer.Option(
         None,
         "--weights",
@@ -61,7 +67,7 @@ def evaluate(
     from ntkcl.engine import rundir
     from ntkcl.export.constants import CONFIG_NAME as EXPORT_CONFIG
 
-    local = Path(path).expanduser()
+    local = expand_user(path)
     from ntkcl.engine.groups import is_group
 
     if is_group(local):

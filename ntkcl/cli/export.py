@@ -26,23 +26,30 @@ def export(
         help="Export folder (default exports/<run name>).",
     ),
     hub: bool = typer.Option(False, "--hub", help="Also push the folder to the Hugging Face Hub."),
-    repo_id: str | None = typer.Option(None, "--repo-id", help="Hub repo (default <user>/ntkcl-<stream>-<method>)."),
+    repo_id: str | None = typer.Option(
+        None, "--repo-id", metavar="USER/NAME", help="Hub repo (default <user>/ntkcl-<stream>-<method>)."
+    ),
     private: bool | None = typer.Option(
         None,
         "--private/--no-private",
         help="Visibility of a repo created now (default: the Hub's default for the namespace).",
     ),
-    revision: str | None = typer.Option(None, "--revision", help="Hub branch to push to (created if missing)."),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="BRANCH", help="Hub branch to push to (created if missing)."
+    ),
     create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
     commit_message: str | None = typer.Option(
-        None, "--commit-message", help="Commit message (default: method, stream, tasks and A_T)."
+        None, "--commit-message", metavar="TEXT", help="Commit message (default: method, stream, tasks and A_T)."
     ),
     token: str | None = typer.Option(
-        None, "--token", help="Hub token (default: HF_TOKEN, then the saved login; prefer those to this flag)."
+        None,
+        "--token",
+        metavar="TOKEN",
+        help="Hub token (default: HF_TOKEN, then the saved login; prefer those to this flag).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace a README.md that was edited on the Hub."),
     license_id: str | None = typer.Option(
-        None, "--license", help="Hub licence id for the model card (default: the base weights' licence)."
+        None, "--license", metavar="ID", help="Hub licence id for the model card (default: the base weights' licence)."
     ),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:

@@ -12,7 +12,7 @@ from ntkcl.errors import BadInputError
 
 def prepare(
     name: str = typer.Argument(
-        ..., help="Dataset name (see `ntkcl datasets`).", autocompletion=_common.complete_datasets
+        ..., metavar="NAME", help="Dataset name (see `ntkcl datasets`).", autocompletion=_common.complete_datasets
     ),
     data_root: Path | None = _common.DATA_ROOT_OPTION,
     source: Path | None = typer.Option(
@@ -30,6 +30,7 @@ def prepare(
         None,
         "--resize-cache",
         min=32,
+        metavar="PX",
         help="Also write copies resized to this shorter side (e.g. 256) that loaders read instead of the originals.",
     ),
     json_output: bool = _common.JSON_OPTION,
@@ -42,10 +43,11 @@ def prepare(
     _common.set_json(json_output)
     from ntkcl.data.extract import disk_errors
     from ntkcl.data.prepared import PreparedDataset
-    from ntkcl.data.registry import default_data_root, get_dataset
+    from ntkcl.data.registry import check_data_root, default_data_root, get_dataset
 
     plugin = get_dataset(name)
     root = data_root or default_data_root()
+    check_data_root(root)
     already = plugin.is_prepared(root) and not force
     options = {}
     if isinstance(plugin, PreparedDataset):

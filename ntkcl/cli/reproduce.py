@@ -97,7 +97,9 @@ def reproduce(
         None, "--seeds", metavar="0,1,2|0-4", help="Seeds of every group (default: the table's, e.g. 0-4)."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the runs, data to prepare and time; run nothing."),
-    gpus: str | None = typer.Option(None, "--gpus", help="GPUs of this host for every run (0,1 or all)."),
+    gpus: str | None = typer.Option(
+        None, "--gpus", metavar="LIST", help="GPUs of this host for every run (0,1 or all)."
+    ),
     results: Path | None = typer.Option(
         None,
         "--results",

@@ -8,16 +8,7 @@ from pathlib import Path
 import typer
 
 from ntkcl.cli import _common
-from ntkcl.config import (
-    Feed,
-    Precision,
-    Scenario,
-    check_config_key,
-    deep_merge,
-    load_config,
-    parse_assignments,
-    validate,
-)
+from ntkcl.config import Feed, Precision, Scenario, deep_merge
 from ntkcl.errors import BadInputError
 
 # The config field each flag sets (`--batch-size` is `optim.batch_size`); the others are not config fields.
@@ -37,6 +28,7 @@ FLAG_FIELDS = {
     "epochs": ("optim", "epochs"),
     "lr": ("optim", "lr"),
     "batch_size": ("optim", "batch_size"),
+    "accumulation_steps": ("optim", "accumulation_steps"),
     "seed": ("runtime", "seed"),
     "device": ("runtime", "device"),
     "precision": ("runtime", "precision"),
@@ -91,6 +83,7 @@ def train(
         None,
         "--stream",
         "-s",
+        metavar="NAME",
         help="Dataset, composite stream, or datasets a,b,c one per task (see `ntkcl datasets`).",
         autocompletion=_common.complete_datasets,
     ),
@@ -98,12 +91,20 @@ def train(
         None, "--scenario", help="class-incremental or task-incremental (default: the stream's own)."
     ),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="Method name (default ntk-cl).", autocompletion=_common.complete_methods
+        None,
+        "--method",
+        "-m",
+        metavar="NAME",
+        help="Method name (default ntk-cl; the README lists the built-in ones).",
+        autocompletion=_common.complete_methods,
     ),
     backbone: str | None = typer.Option(
         None,
         "--backbone",
-        help="timm model: arch.tag, a bare architecture (its default tag), hf-hub:REPO or local-dir:FOLDER.",
+        "--model",
+        metavar="NAME",
+        help="timm model (arch.tag, a bare architecture, hf-hub:REPO, local-dir:FOLDER) or an open_clip CLIP "
+        "(clip:ViT-B-16/openai). --model is timm's name for it.",
     ),
     weights: Path | None = typer.Option(
         None,
@@ -117,18 +118,32 @@ def train(
         None, "--config", "-c", parser=_common.non_empty_path, metavar="FILE", help="TOML or YAML config file."
     ),
     assignments: list[str] = typer.Option(
-        [], "--set", help="Override any field: --set optim.lr=0.01; a {table} replaces the preset's (repeatable)."
+        [],
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override any field: --set optim.lr=0.01; a {table} replaces the preset's (repeatable).",
     ),
     unset: list[str] = typer.Option(
         [], "--unset", metavar="KEY", help="Drop KEY from the presets and --config file: its default applies."
     ),
-    init_classes: int | None = typer.Option(None, "--init-classes", help="Classes in the first task."),
-    increment: int | None = typer.Option(None, "--increment", help="Classes per later task."),
-    class_order_seed: int | None = typer.Option(None, "--class-order-seed", help="np.random.seed for the class order."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per task."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size."),
-    seed: int | None = typer.Option(None, "--seed", help="Training seed (separate from the class order)."),
+    init_classes: int | None = typer.Option(None, "--init-classes", metavar="N", help="Classes in the first task."),
+    increment: int | None = typer.Option(None, "--increment", metavar="N", help="Classes per later task."),
+    class_order_seed: int | None = typer.Option(
+        None, "--class-order-seed", metavar="SEED", help="np.random.seed for the class order."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", metavar="N", help="Epochs per task."),
+    lr: float | None = typer.Option(None, "--lr", metavar="LR", help="Learning rate."),
+    batch_size: int | None = typer.Option(None, "--batch-size", metavar="N", help="Global batch size."),
+    accumulation_steps: int | None = typer.Option(
+        None,
+        "--accumulation-steps",
+        "--grad-accum-steps",
+        metavar="N",
+        help="Split each batch into N backward passes (--grad-accum-steps as in timm).",
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", metavar="SEED", help="Training seed (separate from the class order)."
+    ),
     seeds: str | None = typer.Option(
         None,
         "--seeds",
@@ -141,7 +156,9 @@ def train(
     ),
     device: str | None = _common.device_option(None, "Where to train (auto: a GPU when one is visible)."),
     precision: Precision | None = typer.Option(None, "--precision", help="auto: bf16 autocast on GPU, fp32 on CPU."),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per process."),
+    num_workers: int | None = typer.Option(
+        None, "--num-workers", "--workers", metavar="N", help="DataLoader workers per process (--workers as in timm)."
+    ),
     compile_passes: bool | None = typer.Option(
         None,
         "--compile/--no-compile",
@@ -153,19 +170,26 @@ def train(
         help="auto, loader (per-image DataLoader) or device (decode once, batched transforms on the device).",
     ),
     gpus: str | None = typer.Option(
-        None, "--gpus", help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun."
+        None,
+        "--gpus",
+        metavar="LIST",
+        help="GPUs of this host, one DDP process each (NCCL): 0,1 or all. Not with torchrun.",
     ),
     nproc: int | None = typer.Option(
-        None, "--nproc", help="Processes on this host: gloo on CPU, or one GPU each. The batch size stays global."
+        None,
+        "--nproc",
+        metavar="N",
+        help="Processes on this host: gloo on CPU, or one GPU each. The batch size stays global.",
     ),
     data_root: Path | None = _common.DATA_ROOT_OPTION,
     out: Path = typer.Option(
         Path("runs"),
         "--out",
+        "--output",
         "-o",
         parser=_common.non_empty_path,
         metavar="DIR",
-        help="Folder that receives the run directory.",
+        help="Folder that receives the run directory (--output as in timm).",
     ),
     resume: Path | None = typer.Option(
         None,
@@ -180,13 +204,20 @@ def train(
         metavar="TRACKER",
         help="Also log to tensorboard or wandb (repeatable; extras ntkcl[tensorboard], ntkcl[wandb]).",
     ),
+    print_config: bool = typer.Option(
+        False,
+        "--print-config",
+        help="Print the resolved configuration and the layer each value comes from, then exit without training.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also report routine steps (each saved snapshot)."),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
-    """Train a class-incremental run; writes runs/<stream>-<method>-<stamp>/ and prints the accuracy table."""
+    """Train a continual-learning run (class- or task-incremental); writes runs/<stream>-<method>-<stamp>/ and
+    prints the accuracy table."""
     _common.set_json(json_output)
     # The engine (torch, timm) is imported once the flags and config values have passed their checks.
-    from ntkcl.presets import resolve_config
+    from ntkcl.presets import config_layers, merge_layers, resumed_layers, value_sources
 
     processes = _process_overrides(gpus, nproc)
     if seeds is not None and (seed is not None or class_order_seed is not None):
@@ -209,6 +240,7 @@ def train(
         "epochs": epochs,
         "lr": lr,
         "batch_size": batch_size,
+        "accumulation_steps": accumulation_steps,
         "seed": seed,
         "device": device,
         "precision": precision,
@@ -217,6 +249,8 @@ def train(
         "log": log or None,
         "feed": feed,
     }
+    overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
+    run_dir = None
     if resume is not None:
         from ntkcl.engine import rundir
         from ntkcl.engine.groups import is_group
@@ -230,40 +264,41 @@ def train(
                 "--feed, --gpus and --nproc may change"
             )
         if is_group(resume):
-            _resume_group(resume, flags, processes, quiet, json_output)
+            _resume_group(resume, overrides, quiet, json_output)
             return
         run_dir = rundir.check_run_dir(resume, started=False)
-        config = load_config(run_dir / rundir.CONFIG_FILE)
-        overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
-        config = validate(deep_merge(config.model_dump(mode="json"), overrides))
-    else:
-        run_dir = None
-        overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
-        for key in unset:
-            check_config_key(key, "--unset")
-        assigned, replaced = parse_assignments(assignments)
-        overrides = deep_merge(overrides, assigned)  # --set is the most specific layer
-        with _common.warnings_after_checks():
-            config = resolve_config(config_file, overrides, [*unset, *replaced])
+    # Warnings (a dropped preset value) wait until every check has passed, the backbone's weights included,
+    # so bad input stays one line.
+    with _common.warnings_after_checks() as held:
+        if run_dir is not None:
+            layers = resumed_layers(run_dir / rundir.CONFIG_FILE, overrides)
+            config = merge_layers(layers)
+        else:
             from ntkcl.engine.builders import complete_config
 
-            config = complete_config(config)
-    if seeds is not None:
-        from ntkcl.cli._seed_groups import check_group_name, default_group_name, train_seed_group
-        from ntkcl.engine.groups import parse_seeds
+            layers = config_layers(config_file, overrides, unset, assignments)
+            config = complete_config(merge_layers(layers))
+        if print_config:
+            _print_config(value_sources(layers, config))
+            return
+        if seeds is not None:
+            from ntkcl.cli._seed_groups import check_group_name, default_group_name, train_seed_group
+            from ntkcl.engine.groups import parse_seeds
 
-        name = check_group_name(group) if group is not None else default_group_name(config)
-        train_seed_group(config, parse_seeds(seeds), out / name, quiet, json_output)
-        return
-    from ntkcl.engine.launch import launch
-    from ntkcl.engine.progress import Reporter
+            name = check_group_name(group) if group is not None else default_group_name(config)
+            member_seeds = parse_seeds(seeds)
+            held.release()
+            train_seed_group(config, member_seeds, out / name, quiet, json_output)
+            return
+        from ntkcl.engine.launch import launch
+        from ntkcl.engine.progress import Reporter
 
-    reporter = Reporter(enabled=not quiet)
-    try:
-        result = launch(config, out, run_dir, reporter)
-    except KeyboardInterrupt:
-        where = reporter.run_dir or "the run directory"
-        _common.fail(f"interrupted; progress is saved; continue with `ntkcl train --resume {where}`", 130)
+        reporter = Reporter(enabled=not quiet, verbose=verbose, on_checked=held.release)
+        try:
+            result = launch(config, out, run_dir, reporter)
+        except KeyboardInterrupt:
+            where = reporter.run_dir or "the run directory"
+            _common.fail(f"interrupted; progress is saved; continue with `ntkcl train --resume {where}`", 130)
     if not result.main_process:  # under torchrun, rank 0 alone prints the result
         return
     metrics = result.metrics
@@ -279,16 +314,36 @@ def train(
     _common.stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
 
-def _resume_group(path: Path, flags: dict, processes: dict, quiet: bool, json_output: bool) -> None:
+def _print_config(sources: dict[str, tuple[object, str]]) -> None:
+    """`--print-config`: one `key = value  (source)` line per value, or {"config": ..., "sources": ...} as JSON."""
+    import json
+
+    if _common.STATE["json"]:
+        config: dict = {}
+        for key, (value, _) in sources.items():
+            *sections, leaf = key.split(".")
+            cursor = config
+            for section in sections:
+                cursor = cursor.setdefault(section, {})
+            cursor[leaf] = value
+        _common.emit({"config": config, "sources": {key: source for key, (_, source) in sources.items()}})
+        return
+    width = max(len(key) for key in sources)
+    for key, (value, source) in sources.items():
+        _common.stdout.print(f"{key:<{width}} = {json.dumps(value)}  ({source})", markup=False, highlight=False)
+
+
+def _resume_group(path: Path, overrides: dict, quiet: bool, json_output: bool) -> None:
     """`--resume GROUP`: continue every member of the group with its saved configuration."""
     from ntkcl.cli._seed_groups import train_seed_group
     from ntkcl.engine.builders import complete_config
     from ntkcl.engine.groups import Group
+    from ntkcl.presets import Layer, merge_layers
 
     group = Group.load(path)
-    overrides = deep_merge(_flag_overrides(**flags), {"runtime": processes})
+    layers = [Layer(f"seed group ({path})", group.configuration), Layer("flags", overrides)]
     # Completed like a new configuration: the placement fields the group file leaves out get this host's values.
-    config = complete_config(validate(deep_merge(group.configuration, overrides)))
+    config = complete_config(merge_layers(layers))
     train_seed_group(config, group.seeds, path, quiet, json_output)
 
 

@@ -16,10 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from ntkcl.errors import BadInputError
-from ntkcl.files import atomic_write_text
+from ntkcl.files import atomic_write_text, staged_folder
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+DATASET_KIND = "dataset"
+
+
+def is_legacy_dataset(folder: Path) -> bool:
+    """A dataset folder prepared before folder markers: it holds a manifest file."""
+    return (folder / MANIFEST_FILE).is_file() and not (folder / MANIFEST_FILE).is_symlink()
+
+
+def staged_dataset_folder(folder: Path):
+    """`ntkcl.files.staged_folder` for a dataset folder: replaces only a dataset folder ntkcl prepared."""
+    return staged_folder(folder, DATASET_KIND, is_legacy_dataset, checksums=False)
 
 
 @dataclass

@@ -12,8 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from ntkcl.data.manifest import Manifest, read_manifest
 from ntkcl.errors import BadInputError
@@ -156,6 +158,8 @@ class DatasetPlugin(ABC):
         class_names: names in base-label order (may be filled from the manifest once prepared).
         label_order: how base labels are assigned (e.g. "ImageFolder: case-sensitive sort of folder names").
         homepage, license, citation: shown by `ntkcl datasets` and copied into model cards.
+        hub_dataset_id: the dataset's id on the Hugging Face Hub (`uoft-cs/cifar100`), which model cards list as
+            their `datasets`; empty when the Hub has no copy of it.
         files: what `prepare` needs; empty for generated or bundled data.
         default_init_classes, default_increment: the class-incremental protocol used when a run does not
             say otherwise (the NTK-CL paper's protocol for its benchmarks).
@@ -172,6 +176,7 @@ class DatasetPlugin(ABC):
     homepage: str = ""
     license: str = ""
     citation: str = ""
+    hub_dataset_id: str = ""
     files: tuple[RemoteFile, ...] = ()
     default_init_classes: int = 0
     default_increment: int = 0
@@ -190,10 +195,27 @@ class DatasetPlugin(ABC):
     def dataset_dir(self, root: Path) -> Path:
         return Path(root) / self.name
 
+    Options: ClassVar[type[BaseModel] | None] = None
+
     def configure(self, **options) -> DatasetPlugin:
-        """A variant of this dataset from `stream.dataset_options`; plugins without options reject any."""
-        if options:
-            raise BadInputError(f"dataset {self.name!r} takes no options (got {sorted(options)})")
+        """A variant of this dataset from `stream.dataset_options`, validated by the plugin's `Options` model
+        (strict types, bounds, unknown keys refused); plugins without options reject any."""
+        if self.Options is None:
+            if options:
+                raise BadInputError(f"dataset {self.name!r} takes no options (got {sorted(options)})")
+            return self
+        from ntkcl.config import describe_validation_error
+
+        try:
+            validated = self.Options.model_validate(options)
+        except ValidationError as error:
+            raise BadInputError(
+                describe_validation_error(error, "stream.dataset_options", f" for {self.name}")
+            ) from error
+        return self.configured(validated)
+
+    def configured(self, options: BaseModel) -> DatasetPlugin:
+        """The variant of this dataset for validated `Options` (plugins that declare `Options` override it)."""
         return self
 
     @property

@@ -27,11 +27,11 @@ from typing import Any
 
 from ntkcl.data.download import download, file_digests, mismatch, verification_record
 from ntkcl.data.extract import disk_errors
-from ntkcl.data.manifest import Manifest, read_manifest, write_manifest
+from ntkcl.data.manifest import Manifest, read_manifest, staged_dataset_folder, write_manifest
 from ntkcl.data.plugin import DatasetPlugin, RemoteFile, Samples
 from ntkcl.data.resize_cache import find_cache, write_resize_cache
 from ntkcl.errors import BadInputError
-from ntkcl.files import staged_folder
+from ntkcl.files import expand_user
 
 DOWNLOADS_DIR = ".downloads"
 
@@ -107,7 +107,7 @@ class PreparedDataset(DatasetPlugin):
                 manifest = self.verify_prepared(root)
             else:
                 inputs, downloaded = self.obtain(root, source)
-                with staged_folder(folder) as stage:
+                with staged_dataset_folder(folder) as stage:
                     layout = self.build(stage, inputs)
                     manifest = write_manifest(
                         stage, self.name, layout.classes, layout.splits, inputs.records, layout.extra
@@ -157,7 +157,7 @@ class PreparedDataset(DatasetPlugin):
                 inputs.archives[remote.name] = path
                 inputs.records.append(record)
             return inputs, directory
-        source = Path(source).expanduser()
+        source = expand_user(source)
         if source.is_file():
             return self._from_file(source), None
         if source.is_dir():

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
 from ntkcl.data.manifest import Manifest
-from ntkcl.files import atomic_write_text, staged_folder
+from ntkcl.files import atomic_write_text, remove_owned_folder, staged_folder
 
 COMPLETE_FILE = "complete.json"
+RESIZE_CACHE_KIND = "resize-cache"
+
+
+def _is_legacy_cache(folder: Path) -> bool:
+    """A cache written before folder markers: its `complete.json` is a file."""
+    return (folder / COMPLETE_FILE).is_file() and not (folder / COMPLETE_FILE).is_symlink()
 
 
 def cache_dir(dataset_dir: Path, size: int) -> Path:
@@ -62,7 +67,7 @@ def write_resize_cache(dataset_dir: Path, manifest: Manifest, size: int, workers
     if (final / COMPLETE_FILE).is_file():
         return final
     paths = sorted({relative for rows in manifest.splits.values() for relative, _ in rows if "#" not in relative})
-    with staged_folder(final) as staging:
+    with staged_folder(final, RESIZE_CACHE_KIND, _is_legacy_cache, checksums=False) as staging:
         jobs = [(str(dataset_dir / p), str(staging / p), size) for p in paths]
         workers = workers or min(8, os.cpu_count() or 1)
         if workers > 1 and len(jobs) > 64:
@@ -74,5 +79,5 @@ def write_resize_cache(dataset_dir: Path, manifest: Manifest, size: int, workers
         atomic_write_text(staging / COMPLETE_FILE, json.dumps({"size": size, "images": len(paths)}) + "\n")
         for other in dataset_dir.glob("resized-*"):
             if other != final:
-                shutil.rmtree(other, ignore_errors=True)
+                remove_owned_folder(other, RESIZE_CACHE_KIND, _is_legacy_cache)
     return final

@@ -22,6 +22,7 @@ from ntkcl.data.transforms import build_transforms
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.feed import check_feed_setting
 from ntkcl.errors import BadInputError
+from ntkcl.files import expand_user
 from ntkcl.methods.base import ContinualMethod
 from ntkcl.methods.registry import get_method, validate_params
 from ntkcl.models.backbone import (
@@ -35,7 +36,7 @@ from ntkcl.models.weights import SHIPPED_SOURCE, timm_model_kwargs
 
 
 def data_root(config: RunConfig) -> Path:
-    return Path(config.stream.data_root).expanduser() if config.stream.data_root else default_data_root()
+    return expand_user(config.stream.data_root) if config.stream.data_root else default_data_root()
 
 
 def dataset_plugin(config: RunConfig) -> DatasetPlugin:
@@ -117,7 +118,40 @@ def check_backbone(config: RunConfig) -> BackboneDescription:
     method = get_method(config.method.name)
     description = describe_backbone(settings.name, settings.model_kwargs, settings.weights)
     check_backbone_for_method(method.name, method.required_backbone_features, description)
+    check_memory(config, description)
     return description
+
+
+def device_memory(device: str) -> tuple[int, str] | None:
+    """(bytes, what they are) a run on `device` can use at most: the GPU's memory, else the host's; None when
+    the device cannot be queried (the device checks that follow report why)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        try:
+            return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def check_memory(config: RunConfig, description) -> None:
+    """Refuse a backbone that cannot fit: its parameters plus one batch's tokens (lower bounds, from the
+    architecture built on the meta device; nothing is allocated) exceed the device's whole memory."""
+    memory = device_memory(config.runtime.device)
+    if not description.parameter_bytes or memory is None:
+        return
+    available, where = memory
+    batch = max(config.optim.batch_size, config.optim.eval_batch_size)
+    activations = description.activation_bytes_per_image * batch
+    if description.parameter_bytes + activations > available:
+        gib = 1 << 30
+        raise BadInputError(
+            f"backbone {config.backbone.name} with backbone.model_kwargs {config.backbone.model_kwargs} needs at least "
+            f"{description.parameter_bytes / gib:.1f} GiB of parameters and {activations / gib:.1f} GiB of "
+            f"activations for a batch of {batch}; {where} holds {available / gib:.1f} GiB"
+        )
 
 
 def complete_config(config: RunConfig) -> RunConfig:

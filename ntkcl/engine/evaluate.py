@@ -24,6 +24,7 @@ from ntkcl.data.stream import Stream
 from ntkcl.engine.distributed import DistributedContext
 from ntkcl.engine.feed import DeviceFeed
 from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.progress import Reporter
 from ntkcl.methods.base import ContinualMethod, TaskInfo
 
 
@@ -50,6 +51,7 @@ class ScoringLoader:
     num_workers: int
     precision: str = "auto"
     feed: DeviceFeed | None = None
+    progress: Reporter | None = None  # shows a bar while a split is read (on a terminal)
 
     @classmethod
     def for_run(
@@ -59,11 +61,12 @@ class ScoringLoader:
         transform: Callable,
         ctx: DistributedContext,
         feed: DeviceFeed | None = None,
+        progress: Reporter | None = None,
     ) -> ScoringLoader:
         """The run configuration's evaluation batch size, workers and precision."""
         runtime = config.runtime
         batch_size = config.optim.eval_batch_size
-        return cls(stream, transform, ctx, batch_size, runtime.num_workers, runtime.precision, feed)
+        return cls(stream, transform, ctx, batch_size, runtime.num_workers, runtime.precision, feed, progress)
 
     def batches(self, images: Samples, indices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's shard of `images[indices]`, on its device."""
@@ -80,8 +83,11 @@ class ScoringLoader:
             persistent_workers=False,
             generator=torch.Generator(),  # its workers' base seed must not move the global generator
         )
-        for batch_images, labels in loader:
-            yield batch_images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        bar = self.progress.bar("scoring", len(loader)) if self.progress else contextlib.nullcontext(lambda: None)
+        with bar as advance:
+            for batch_images, labels in loader:
+                yield batch_images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                advance()
 
 
 class TaskImages:
@@ -198,28 +204,30 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     """
     from pathlib import Path
 
-    from ntkcl.config import load_config
     from ntkcl.engine import rundir
     from ntkcl.engine.builders import build_backbone, build_method, build_run_transforms, build_stream
     from ntkcl.engine.distributed import init_distributed
     from ntkcl.engine.metrics import retrieval_summary
+    from ntkcl.engine.run_reader import read_run_folder
     from ntkcl.errors import BadInputError
 
-    run_dir = rundir.check_run_dir(Path(run_dir))
-    config = load_config(run_dir / rundir.CONFIG_FILE)
+    run = read_run_folder(Path(run_dir))
+    if reporter is not None:
+        for note in run.notes:
+            reporter.message(note)
+    config = run.config
     if data_root is not None:
         config.stream.data_root = data_root
-    checkpoints = rundir.finished_checkpoints(run_dir)
+    checkpoints = run.checkpoints
     if not checkpoints:
-        raise BadInputError(f"{run_dir} has no finished task to evaluate")
+        raise BadInputError(f"{run.path} has no finished task to evaluate")
     ctx = init_distributed(config.runtime.device)
     stream, _ = build_stream(config, ctx)
     backbone = build_backbone(config).to(ctx.device)
-    saved = rundir.read_json(run_dir / rundir.RUN_FILE)
-    if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
+    if run.record["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_run_transforms(config, backbone)
-    scoring = ScoringLoader.for_run(config, stream, test_transform, ctx)
+    scoring = ScoringLoader.for_run(config, stream, test_transform, ctx, progress=reporter)
 
     def fresh_method() -> ContinualMethod:
         method = build_method(config, backbone)
@@ -232,9 +240,12 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
         zero_shot = evaluate(initial.to(ctx.device), scoring, None).counts
     scores = []
     for index, checkpoint in enumerate(checkpoints):
-        state, _ = rundir.load_checkpoint(checkpoint)  # older checkpoints have no training-only state: not needed
+        state = run.load_state(index, training=False)  # only the last one keeps its training-only part
         method = fresh_method()
-        method.load_learned_state(state, stream.tasks()[: index + 1])
+        try:
+            method.load_learned_state(state, stream.tasks()[: index + 1])
+        except BadInputError as error:
+            raise run.damaged(checkpoint / rundir.STATE_FILE, str(error), index) from error
         method.to(ctx.device)
         scores.append(evaluate(method, scoring, stream.task(index)))
         if reporter is not None:
@@ -243,12 +254,11 @@ def evaluate_run(run_dir, data_root=None, reporter=None) -> dict:
     metrics = matrix.summary()
     if scores[0].retrieval is not None:
         metrics["task_retrieval"] = retrieval_summary(AccuracyMatrix.from_rows([score.retrieval for score in scores]))
-    reported = rundir.read_json(run_dir / rundir.METRICS_FILE) if (run_dir / rundir.METRICS_FILE).is_file() else {}
-    comparison = compare_with_training(reported, matrix)
-    if comparison == "identical" and reported.get("task_retrieval") != metrics.get("task_retrieval"):
+    comparison = compare_with_training(run.metrics, matrix)
+    if comparison == "identical" and run.metrics.get("task_retrieval") != metrics.get("task_retrieval"):
         comparison = "different"
     return {
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
         "finished": len(checkpoints) == stream.num_tasks,
         "metrics": metrics,
         "training_metrics": comparison,

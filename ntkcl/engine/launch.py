@@ -174,6 +174,7 @@ def launch(config: RunConfig, out: Path, resume_dir: Path | None, reporter: Repo
         return run_training(config, out, resume_dir, reporter)
     # Bad input fails here, in one process, before any rank starts (each rank then builds its own parts).
     prepare_run(config, DistributedContext(), out if resume_dir is None else None)
+    reporter.checked()
     return _spawn(plan, config, out, resume_dir, reporter)
 
 

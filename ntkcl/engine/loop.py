@@ -39,6 +39,7 @@ from ntkcl.engine.phases import PhaseClock
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
 from ntkcl.engine.reference import has_reference, reference_matrix, reference_summary
+from ntkcl.engine.run_reader import read_run_folder
 from ntkcl.engine.seeding import derived_seed, seed_everything
 from ntkcl.engine.tracking import Tracking
 from ntkcl.engine.training import TaskTraining, per_process_batch
@@ -120,7 +121,7 @@ class Trainer:
         self.feed = None
         if self.feed_choice.feed == DEVICE:
             self.feed = DeviceFeed.build(config, self.stream, ctx, data_root(config), self.backbone.img_size)
-        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx, self.feed)
+        self.scoring = ScoringLoader.for_run(config, self.stream, test_transform, ctx, self.feed, self.reporter)
         self.record = run_record(config, self.stream, self.provenance, self.backbone, ctx)
         self.zero_shot: list[tuple[int, int]] | None = None
         self.tracking = Tracking([], run_dir, {})
@@ -132,24 +133,26 @@ class Trainer:
         return sum(optim.epochs * (count // optim.batch_size) for count in images)
 
     def _restore(self) -> list[dict]:
-        """Load the last finished checkpoint; return the task records of the finished tasks."""
-        checkpoints = rundir.finished_checkpoints(self.run_dir)
-        expected = [rundir.checkpoint_dir(self.run_dir, i).name for i in range(len(checkpoints))]
-        if [p.name for p in checkpoints] != expected:
-            raise BadInputError(f"{self.run_dir} has non-contiguous checkpoints {[p.name for p in checkpoints]}")
-        if not checkpoints:
+        """Load the last finished checkpoint of the validated run folder; return the finished tasks' records."""
+        run = read_run_folder(self.run_dir, started=False)
+        for note in run.notes:
+            self.reporter.message(note)
+        if not run.checkpoints:
             return []
-        saved = rundir.read_json(self.run_dir / rundir.RUN_FILE)
+        saved = run.record
         if saved["backbone"]["weights_sha256"] != self.backbone.weights_sha256:
             raise BadInputError("the backbone weights differ from the ones this run started with (sha256 mismatch)")
         if saved["class_order"] != self.stream.order:
             raise BadInputError("the class order differs from the one this run started with")
         if saved["dataset"]["manifest_sha256"] != self.provenance.sha256:
             raise BadInputError("the data differs from the one this run started with (manifest sha256 mismatch)")
-        state, _ = rundir.load_checkpoint(checkpoints[-1])
-        self.method.load_learned_state(state, self.stream.tasks()[: len(checkpoints)])
+        last = run.finished_tasks - 1
+        try:
+            self.method.load_learned_state(run.load_state(last), self.stream.tasks()[: last + 1])
+        except BadInputError as error:
+            raise run.damaged(run.checkpoints[last] / rundir.STATE_FILE, str(error), last) from error
         self.method.to(self.ctx.device)
-        return rundir.task_records(self.run_dir, len(checkpoints))
+        return run.task_records
 
     def run(self, resume: bool = False) -> RunResult:
         trackers = self.config.runtime.log if self.ctx.is_main else []
@@ -203,14 +206,7 @@ class Trainer:
         return AccuracyMatrix.from_rows([record["counts"] for record in records], self.zero_shot)
 
     def _write_metrics(self, records: list[dict], finished: bool, extra: dict | None = None) -> dict:
-        """metrics.json and acc_matrix.csv from the task records: accuracy, task retrieval (methods that
-        retrieve a task per image) and the method's per-task diagnostics."""
-        retrieval = None
-        if all("retrieval" in record for record in records):
-            retrieval = AccuracyMatrix.from_rows([record["retrieval"] for record in records])
-        if any("diagnostics" in record for record in records):
-            extra = {**(extra or {}), "task_diagnostics": [record.get("diagnostics") for record in records]}
-        return rundir.write_metrics(self.run_dir, self._matrix(records), finished, extra, retrieval)
+        return rundir.write_task_metrics(self.run_dir, records, self.zero_shot, finished, extra)
 
     def _no_training_reference(self) -> dict:
         """SimpleCIL's A_T and forgetting on this run's backbone and stream (`ntkcl.engine.reference`)."""
@@ -329,8 +325,9 @@ def run_training(config: RunConfig, out: Path, resume_dir: Path | None, reporter
     try:
         ctx = init_distributed(config.runtime.device, config.runtime.gpus)
         parts = prepare_run(config, ctx, out if resume_dir is None else None)
+        reporter.checked()
         run_dir = resume_dir if resume_dir is not None else start_run(config, out, ctx)
-        reporter.run_dir = run_dir
+        reporter.started(run_dir)
         trainer = Trainer(config, run_dir, ctx, reporter, parts)
         result = trainer.run(resume=resume_dir is not None)
     except Exception as error:

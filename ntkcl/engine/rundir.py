@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ntkcl.engine.metrics import AccuracyMatrix, retrieval_summary
 from ntkcl.errors import BadInputError
-from ntkcl.files import atomic_write_text, staged_folder
+from ntkcl.files import atomic_write_text, read_marker, staged_folder, write_marker, write_safetensors
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -44,6 +44,22 @@ TASK_FILE = "task.json"
 SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_STATE_FILE = "training_state.pt"
 SNAPSHOT_FILE = "snapshot.json"
+CHECKPOINT_KIND = "checkpoint"
+SNAPSHOT_KIND = "snapshot"
+
+
+def _holds_only(names: set[str]):
+    """A test recognising folders written before folder markers by their file set (see `ntkcl.files`)."""
+
+    def recognise(folder: Path) -> bool:
+        entries = list(folder.iterdir())
+        return bool(entries) and all(entry.name in names and entry.is_file() for entry in entries)
+
+    return recognise
+
+
+is_legacy_checkpoint = _holds_only({STATE_FILE, TRAINING_STATE_FILE, TASK_FILE})
+is_legacy_snapshot = _holds_only({SNAPSHOT_STATE_FILE, SNAPSHOT_FILE})
 
 
 def utc_stamp() -> str:
@@ -91,7 +107,17 @@ def latest_run(out: Path) -> Path:
     runs = [p for p in out.glob("*") if (p / RUN_FILE).is_file()] if out.is_dir() else []
     if not runs:
         raise BadInputError(f"no runs under {out}; train one with `ntkcl train` or pass RUN_DIR")
-    return max(runs, key=lambda p: (json.loads((p / RUN_FILE).read_text()).get("started_at", ""), p.name))
+
+    def started_at(run: Path) -> str:
+        """run.json's start time ("" when it is unreadable: the reader of that run says what is wrong)."""
+        try:
+            record = json.loads((run / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return ""
+        stamp = record.get("started_at", "") if isinstance(record, dict) else ""
+        return stamp if isinstance(stamp, str) else ""
+
+    return max(runs, key=lambda p: (started_at(p), p.name))
 
 
 def write_json(path: Path, document: dict) -> None:
@@ -101,8 +127,9 @@ def write_json(path: Path, document: dict) -> None:
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise BadInputError(f"cannot read {path}: {error}") from error
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise BadInputError(f"cannot read {path}: {reason}") from error
 
 
 def append_log(run_dir: Path, record: dict) -> None:
@@ -126,6 +153,24 @@ def write_metrics(
     return document
 
 
+def write_task_metrics(
+    run_dir: Path,
+    records: list[dict],
+    zero_shot: list[tuple[int, int]] | None,
+    finished: bool,
+    extra: dict | None = None,
+) -> dict:
+    """metrics.json and acc_matrix.csv from the finished tasks' records (task.json): accuracy, task retrieval
+    (methods that retrieve a task per image) and the method's per-task diagnostics."""
+    matrix = AccuracyMatrix.from_rows([record["counts"] for record in records], zero_shot)
+    retrieval = None
+    if all(record.get("retrieval") is not None for record in records):
+        retrieval = AccuracyMatrix.from_rows([record["retrieval"] for record in records])
+    if any("diagnostics" in record for record in records):
+        extra = {**(extra or {}), "task_diagnostics": [record.get("diagnostics") for record in records]}
+    return write_metrics(run_dir, matrix, finished, extra, retrieval)
+
+
 def checkpoint_dir(run_dir: Path, task_index: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"task-{task_index:02d}"
 
@@ -146,10 +191,10 @@ def save_checkpoint(
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     training = {key: value for key, value in tensors.items() if training_only is not None and training_only(key)}
     predicting = {key: value for key, value in tensors.items() if key not in training}
-    with staged_folder(final) as staging:
-        save_file(predicting, staging / STATE_FILE, metadata={"format": "pt"})
+    with staged_folder(final, CHECKPOINT_KIND, is_legacy_checkpoint) as staging:
+        write_safetensors(staging / STATE_FILE, predicting)
         if training:
-            save_file(training, staging / TRAINING_STATE_FILE, metadata={"format": "pt"})
+            write_safetensors(staging / TRAINING_STATE_FILE, training)
         write_json(staging / TASK_FILE, record)
     return final
 
@@ -184,7 +229,7 @@ def save_snapshot(run_dir: Path, position: dict, training_state: dict) -> Path:
     folder = run_dir / SNAPSHOT_DIR
     final = folder / snapshot_name(position["task"], position["epoch"], position["step"])
 
-    with staged_folder(final) as staging:
+    with staged_folder(final, SNAPSHOT_KIND, is_legacy_snapshot) as staging:
         torch.save(training_state, staging / SNAPSHOT_STATE_FILE)
         write_json(staging / SNAPSHOT_FILE, position)
     remove_snapshots(run_dir, keep=final)
@@ -221,7 +266,14 @@ def remove_snapshots(run_dir: Path, keep: Path | None = None) -> None:
 
 
 def drop_training_state(path: Path) -> None:
-    """Delete a checkpoint's training-only part: only the last finished task's is needed to resume."""
+    """Delete a checkpoint's training-only part: only the last finished task's is needed to resume.
+
+    The checkpoint's marker is rewritten without its checksum; the others stay as recorded at write time.
+    """
+    marker = read_marker(path)
+    if marker is not None and TRAINING_STATE_FILE in marker["sha256"]:
+        recorded = {name: digest for name, digest in marker["sha256"].items() if name != TRAINING_STATE_FILE}
+        write_marker(path, CHECKPOINT_KIND, recorded)
     (path / TRAINING_STATE_FILE).unlink(missing_ok=True)
 
 

@@ -17,13 +17,13 @@ or `'ntkcl[wandb]'`; asking for a missing one exits 2 before anything runs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
 
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.errors import BadInputError
+from ntkcl.extras import check
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log name -> package it needs
 TENSORBOARD_DIR = "tensorboard"
@@ -34,8 +34,7 @@ def check_trackers(names: list[str]) -> None:
     for name in names:
         if name not in TRACKERS:
             raise BadInputError(f"--log {name}: unknown tracker; choose from {', '.join(TRACKERS)}")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise BadInputError(f"--log {name} needs the {TRACKERS[name]} package: pip install 'ntkcl[{name}]'")
+        check(TRACKERS[name])
 
 
 class TensorBoardTracker:

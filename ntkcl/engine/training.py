@@ -273,13 +273,13 @@ class TaskTraining:
         totals = {key: value.to(self.ctx.device) for key, value in state["totals"].items()}
         return Progress(position["epoch"], position["step"], totals, position["epoch_lr"], position["history"])
 
-    def _save_snapshot(self, progress: Progress) -> None:
+    def _save_snapshot(self, progress: Progress, interrupted: bool = False) -> None:
         if not self.ctx.is_main:
             return
         with self.clock.phase("checkpoint"):
-            self._write_snapshot(progress)
+            self._write_snapshot(progress, interrupted)
 
-    def _write_snapshot(self, progress: Progress) -> None:
+    def _write_snapshot(self, progress: Progress, interrupted: bool) -> None:
         position = {
             "task": self.task.index,
             "epoch": progress.epoch,
@@ -294,7 +294,8 @@ class TaskTraining:
             "totals": {key: value.detach().cpu() for key, value in progress.totals.items()},
         }
         path = rundir.save_snapshot(self.run_dir, position, state)
-        self.reporter.message(f"saved snapshot {path.name}")
+        # The routine per-epoch snapshot is a detail; the one a signal asked for is the news.
+        (self.reporter.message if interrupted else self.reporter.detail)(f"saved snapshot {path.name}")
 
     def run(self, snapshot: Path | None = None) -> list[dict]:
         """Train the remaining epochs; returns one log record per epoch of the task."""
@@ -358,7 +359,7 @@ class TaskTraining:
             self.reporter.advance(self.shards.real_in_step(step))
             if stop.requested:
                 self.reporter.end_epoch("interrupted")
-                self._save_snapshot(progress)
+                self._save_snapshot(progress, interrupted=True)
                 raise KeyboardInterrupt
             step += 1
 

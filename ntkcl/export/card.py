@@ -38,7 +38,12 @@ def _dataset_info(name: str) -> dict:
         plugin = get_dataset(name)
     except BadInputError:
         return {}
-    return {"homepage": plugin.homepage, "license": plugin.license, "citation": plugin.citation}
+    return {
+        "homepage": plugin.homepage,
+        "license": plugin.license,
+        "citation": plugin.citation,
+        "hub_dataset_id": plugin.hub_dataset_id,
+    }
 
 
 def _method_citation(name: str) -> str:
@@ -56,6 +61,12 @@ def datasets_of(document: dict) -> list[str]:
     if members:
         return list(dict.fromkeys(member["dataset"] for member in members))
     return [document["stream"]["dataset"]]
+
+
+def hub_datasets(document: dict) -> list[str]:
+    """The Hub dataset ids of the stream's datasets, for those the Hub has (the card's `datasets`)."""
+    found = (_dataset_info(name).get("hub_dataset_id") for name in datasets_of(document))
+    return [dataset_id for dataset_id in found if dataset_id]
 
 
 def card_license(document: dict, license_id: str | None) -> dict:
@@ -78,6 +89,7 @@ def eval_results(document: dict, metrics: dict) -> list[EvalResult]:
     else:
         setting = f"B{stream['init_classes']} Inc{stream['increment']}, class-order seed {stream['class_order_seed']}"
     tasks = f"{document['finished_tasks']}/{document['num_tasks']} tasks"
+    dataset_ids = hub_datasets(document)
     results = []
     for key, metric_type, metric_name in EVALUATED:
         value = metrics.get(key)
@@ -87,7 +99,10 @@ def eval_results(document: dict, metrics: dict) -> list[EvalResult]:
             EvalResult(
                 task_type="image-classification",
                 task_name=f"{protocol.capitalize()} image classification",
-                dataset_type=stream["dataset"],
+                # The Hub id where the stream is one dataset the Hub has; the stream's own name otherwise.
+                dataset_type=dataset_ids[0]
+                if len(dataset_ids) == 1 and not stream.get("members")
+                else stream["dataset"],
                 dataset_name=f"{stream['dataset']} ({setting}, {tasks})",
                 dataset_split="test",
                 metric_type=metric_type,
@@ -114,7 +129,7 @@ def card_data(
         model_name=repo_id.rsplit("/", 1)[-1] if repo_id else f"ntkcl-{dataset}-{method}",
         library_name=LIBRARY_NAME,
         pipeline_tag="image-classification",
-        datasets=datasets_of(document),
+        datasets=hub_datasets(document) or None,
         tags=list(dict.fromkeys(tags)),
         metrics=["accuracy"],
         eval_results=eval_results(document, metrics) or None,
@@ -193,6 +208,24 @@ def _protocol(document: dict) -> str:
     )
 
 
+def install_line(document: dict) -> str:
+    """`pip install` of the ntkcl release that wrote the export, with the extra its backbone needs."""
+    origin = document.get("backbone_origin") or {}
+    extra = "[clip]" if origin.get("source") == "open_clip" else ""
+    return f"pip install 'ntkcl{extra}=={document['ntkcl_version']}'"
+
+
+def hyperparameter_table(document: dict) -> list[str]:
+    """Markdown rows of what the run was trained with: optimisation, seeds, protocol and the method's values."""
+    training, stream = document["training"], document["stream"]
+    rows = [(f"optim.{key}", value) for key, value in training["optim"].items() if value is not None]
+    rows += [("runtime.seed", training["seed"]), ("stream.class_order_seed", stream.get("class_order_seed"))]
+    rows += [(f"method.params.{key}", value) for key, value in sorted(document["method_params"].items())]
+    lines = ["| setting | value |", "| --- | --- |"]
+    lines += [f"| `{key}` | `{json.dumps(value)}` |" for key, value in rows if value is not None]
+    return lines
+
+
 def render_card(document: dict, metrics: dict, license_id: str | None = None, repo_id: str | None = None) -> str:
     """The README.md model card of an export (deterministic: the same run renders the same card)."""
     method, dataset = document["method"], document["stream"]["dataset"]
@@ -219,7 +252,7 @@ def render_card(document: dict, metrics: dict, license_id: str | None = None, re
         "## Use",
         "",
         "```bash",
-        "pip install ntkcl",
+        install_line(document),
         f"ntkcl eval {where}      # scores it on the test images; needs `ntkcl prepare {dataset}`",
         "```",
         "",
@@ -272,11 +305,9 @@ def render_card(document: dict, metrics: dict, license_id: str | None = None, re
         training["command"],
         "```",
         "",
-        f"Method hyper-parameters (`{method}`):",
+        "Hyper-parameters:",
         "",
-        "```json",
-        json.dumps(document["method_params"], indent=2, sort_keys=True),
-        "```",
+        *hyperparameter_table(document),
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(training.get("versions", {}).items())) + ".",
         "",

@@ -12,10 +12,13 @@ import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import ntkcl
-from ntkcl.config import RunConfig, load_config, validate
-from ntkcl.engine import rundir
+from ntkcl.config import RunConfig, describe_validation_error, validate
+from ntkcl.engine.run_reader import RunFolder
 from ntkcl.errors import BadInputError
 from ntkcl.export.constants import CONFIG_NAME, EXPORT_FORMAT, LIBRARY_NAME, WEIGHTS_NAME
 from ntkcl.methods.base import TaskInfo
@@ -44,17 +47,6 @@ def task_infos(sizes: Sequence[int], records: Sequence[dict] | None = None) -> l
             for record in records
         ]
     return [TaskInfo(i, len(sizes), sum(sizes[:i]), size) for i, size in enumerate(sizes)]
-
-
-def _last_checkpoint(run_dir: Path) -> tuple[Path, int]:
-    checkpoints = rundir.finished_checkpoints(run_dir)
-    if not checkpoints:
-        raise BadInputError(f"{run_dir} has no finished task yet; nothing to export")
-    names = [p.name for p in checkpoints]
-    expected = [rundir.checkpoint_dir(run_dir, i).name for i in range(len(checkpoints))]
-    if names != expected:
-        raise BadInputError(f"{run_dir} has non-contiguous checkpoints {names}")
-    return checkpoints[-1], len(checkpoints)
 
 
 def recorded_command(record: dict, config: RunConfig) -> str:
@@ -92,13 +84,11 @@ def recorded_command(record: dict, config: RunConfig) -> str:
     return shlex.join(flags)
 
 
-def build_export_config(run_dir: Path) -> tuple[dict, Path]:
-    """The adapter_config.json document of a run and the checkpoint whose state it describes."""
-    config = load_config(run_dir / rundir.CONFIG_FILE)
-    record = rundir.read_json(run_dir / rundir.RUN_FILE)
-    checkpoint, finished_tasks = _last_checkpoint(run_dir)
-    metrics_file = run_dir / rundir.METRICS_FILE
-    metrics = rundir.read_json(metrics_file) if metrics_file.is_file() else {}
+def build_export_config(run: RunFolder) -> dict:
+    """The adapter_config.json document of a validated run folder (its last finished checkpoint's state)."""
+    if not run.checkpoints:
+        raise BadInputError(f"{run.path} has no finished task yet; nothing to export")
+    config, record, metrics, finished_tasks, run_dir = run.config, run.record, run.metrics, run.finished_tasks, run.path
     sizes = list(record["task_sizes"])
     backbone = config.backbone
     origin = dict(record["backbone"])
@@ -162,7 +152,7 @@ def build_export_config(run_dir: Path) -> tuple[dict, Path]:
             "versions": record.get("versions", {}),
         },
     }
-    return document, checkpoint
+    return document
 
 
 def hub_config(document: dict) -> dict:
@@ -181,29 +171,60 @@ def hub_config(document: dict) -> dict:
     }
 
 
+class ExportDocument(BaseModel):
+    """What reading an export back relies on in adapter_config.json (other keys are descriptive)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    method: str
+    method_params: dict[str, Any]
+    backbone: dict[str, Any]
+    base_model_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    stream: dict[str, Any]
+    class_order: list[int]
+    class_names: list[str]
+    task_sizes: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    finished_tasks: Annotated[int, Field(ge=1)] | None = None
+    tasks: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExportDocument:
+        if self.finished_tasks is not None and self.finished_tasks > len(self.task_sizes):
+            raise ValueError(f"finished_tasks {self.finished_tasks} exceeds the {len(self.task_sizes)} tasks")
+        classes = sum(self.task_sizes)
+        if len(self.class_names) != classes or len(self.class_order) != classes:
+            raise ValueError(f"class_names and class_order must list the {classes} classes of task_sizes")
+        return self
+
+
 def read_export_config(folder: Path) -> dict:
     """adapter_config.json of an ntkcl export, checked for the library, format and version."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise BadInputError(f"{folder} is not an ntkcl export (no {CONFIG_NAME})")
-    document = rundir.read_json(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise BadInputError(f"{path} cannot be read: {reason}; the export is damaged") from error
+    if not isinstance(document, dict):
+        raise BadInputError(f"{path} holds a JSON {type(document).__name__}, not an object; the export is damaged")
     if document.get("library_name") != LIBRARY_NAME:
         other = document.get("peft_type") or document.get("library_name") or "another library"
         raise BadInputError(f"{path} was not written by ntkcl (it is a {other} adapter config)")
     made_by = str(document.get("ntkcl_version", "0"))
-    if (
-        int(document.get("export_format", 0)) > EXPORT_FORMAT
-        or version_tuple(made_by)[:2] > version_tuple(ntkcl.__version__)[:2]
-    ):
+    export_format = document.get("export_format", 0)
+    if not isinstance(export_format, int) or isinstance(export_format, bool):
+        raise BadInputError(f"{path}: export_format {export_format!r} is not an integer; the export is damaged")
+    if export_format > EXPORT_FORMAT or version_tuple(made_by)[:2] > version_tuple(ntkcl.__version__)[:2]:
         raise BadInputError(
             f"{folder} was exported by ntkcl {made_by} (format {document.get('export_format')}); "
             f"this is ntkcl {ntkcl.__version__}: upgrade with `pip install -U ntkcl`"
         )
-    missing = [
-        key for key in ("method", "method_params", "backbone", "base_model_sha256", "task_sizes") if key not in document
-    ]
-    if missing:
-        raise BadInputError(f"{path} lacks {', '.join(missing)}")
+    try:
+        ExportDocument.model_validate(document)
+    except ValidationError as error:
+        raise BadInputError(f"{path}: {describe_validation_error(error)}; the export is damaged") from error
     return document
 
 

@@ -9,26 +9,39 @@
     README.md                   model card: Hub metadata (base model, model-index, licence), metrics
                                 table, command, citations
     metrics.json                the run's metrics
+    checksums.sha256            sha256 of every file above but the card (`ntkcl.export.checksums`)
 
 A run that is still training (or was stopped) is exported as far as its finished tasks go; the config says
 `"finished": false` with `finished_tasks` / `num_tasks`, and the card says so at the top.
+
+The run folder is validated first (`ntkcl.engine.run_reader`): a damaged file or a checkpoint that does
+not fit its method is refused, never published. `--out` is replaced only when it holds an earlier export
+(`ntkcl.files.staged_folder`: its marker, or for exports written before markers the full file set of
+format 2 with a readable adapter_config.json); any other existing path is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from ntkcl.engine import rundir
+from ntkcl.engine.run_reader import read_run_folder
 from ntkcl.errors import BadInputError
 from ntkcl.export.card import render_card
-from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, HUB_CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME
-from ntkcl.export.document import build_export_config, hub_config
-from ntkcl.files import staged_folder
+from ntkcl.export.checksums import verify_export, write_checksums
+from ntkcl.export.constants import (
+    CARD_NAME,
+    CONFIG_NAME,
+    EXPORT_FILES,
+    EXPORT_FORMAT,
+    EXPORT_KIND,
+    HUB_CONFIG_NAME,
+    METRICS_NAME,
+    WEIGHTS_NAME,
+)
+from ntkcl.export.document import build_export_config, hub_config, read_export_config
+from ntkcl.files import check_replaceable, staged_folder, write_safetensors
 
 
 @dataclass
@@ -42,11 +55,16 @@ class ExportResult:
         return bool(self.config["finished"])
 
 
-def _check_destination(folder: Path) -> None:
-    if folder.is_file():
-        raise BadInputError(f"--out {folder} is a file")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
-        raise BadInputError(f"--out {folder} is a non-empty folder that is not an ntkcl export; choose another")
+def is_legacy_export(folder: Path) -> bool:
+    """An export written before folder markers: the five files of format 2, its adapter_config.json readable."""
+    legacy_files = (WEIGHTS_NAME, CONFIG_NAME, HUB_CONFIG_NAME, CARD_NAME, METRICS_NAME)
+    if not all((folder / name).is_file() and not (folder / name).is_symlink() for name in legacy_files):
+        return False
+    try:
+        read_export_config(folder)
+    except BadInputError:
+        return False
+    return True
 
 
 def export_run(run_dir: Path, out: Path, license_id: str | None = None, repo_id: str | None = None) -> ExportResult:
@@ -58,16 +76,13 @@ def export_run(run_dir: Path, out: Path, license_id: str | None = None, repo_id:
         license_id: the model card's `license` (default: the base weights' licence, see `card.card_license`).
         repo_id: the Hub repo the card's usage lines name, when known.
     """
-    run_dir = rundir.check_run_dir(run_dir)
-    _check_destination(out)
-    document, checkpoint = build_export_config(run_dir)
-    metrics_file = run_dir / rundir.METRICS_FILE
-    metrics = rundir.read_json(metrics_file) if metrics_file.is_file() else {}
-    state = load_file(checkpoint / rundir.STATE_FILE)
-    leaked = [key for key in state if key.startswith("backbone.")]
-    if leaked:
-        raise BadInputError(f"{checkpoint} holds backbone tensors ({leaked[0]}, ...); refusing to export them")
+    check_replaceable(out, EXPORT_KIND, is_legacy_export, what=f"--out {out}")
+    run = read_run_folder(run_dir, check_tensors=True)
+    document = build_export_config(run)
+    state = run.predicting_state()
+    metrics = run.metrics
     write_export_folder(out, document, state, metrics, render_card(document, metrics, license_id, repo_id))
+    verify_export(out, EXPORT_FORMAT)
     return ExportResult(out, document, {name: (out / name).stat().st_size for name in EXPORT_FILES})
 
 
@@ -79,18 +94,16 @@ def write_export_files(folder: Path, document: dict, tensors: dict, metrics: dic
     """Write the export files into an existing `folder` (other files in it are left alone)."""
     (folder / CONFIG_NAME).write_text(_json_text(document), encoding="utf-8")
     (folder / HUB_CONFIG_NAME).write_text(_json_text(hub_config(document)), encoding="utf-8")
-    save_file(
-        {key: tensors[key].contiguous() for key in sorted(tensors)}, folder / WEIGHTS_NAME, metadata={"format": "pt"}
-    )
-    shutil.copymode(folder / CONFIG_NAME, folder / WEIGHTS_NAME)  # safetensors writes owner-only files
+    write_safetensors(folder / WEIGHTS_NAME, tensors)
     (folder / METRICS_NAME).write_text(_json_text(metrics), encoding="utf-8")
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
+    write_checksums(folder)
 
 
 def write_export_folder(out: Path, document: dict, tensors: dict, metrics: dict, card: str) -> None:
     """Write the export files into a staging folder that replaces `out` once complete."""
     try:
-        with staged_folder(out) as staging:
+        with staged_folder(out, EXPORT_KIND, is_legacy_export) as staging:
             write_export_files(staging, document, tensors, metrics, card)
     except OSError as error:
         raise BadInputError(f"cannot write the export to {out}: {error.strerror or error}") from error

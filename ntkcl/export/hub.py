@@ -15,6 +15,7 @@ from pathlib import Path
 import ntkcl
 from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.export.card import card_is_generated
+from ntkcl.export.checksums import verify_export
 from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, LIBRARY_NAME
 
 
@@ -155,6 +156,7 @@ def push_export(
         commit_message: default: method, stream, finished tasks and A_T.
     """
     token = check_can_push(token)
+    verify_export(folder, document.get("export_format", 0))
     api = _api()
     try:
         url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)

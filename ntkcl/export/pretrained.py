@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelHubMixin
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -21,10 +22,12 @@ from ntkcl.engine import rundir
 from ntkcl.engine.launch import check_device
 from ntkcl.errors import BadInputError
 from ntkcl.export.card import render_card
+from ntkcl.export.checksums import verify_export
 from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, LIBRARY_NAME, METRICS_NAME, WEIGHTS_NAME
 from ntkcl.export.document import read_export_config, run_config_of, task_infos
 from ntkcl.export.folder import write_export_files
 from ntkcl.export.hub import download_export, push_export
+from ntkcl.files import expand_user
 from ntkcl.methods.base import ContinualMethod
 
 
@@ -217,6 +220,7 @@ def load_folder(
         raise BadInputError(f"{folder} holds a {document['method']} export, not {method}")
     if not (folder / WEIGHTS_NAME).is_file():
         raise BadInputError(f"{folder} is not an ntkcl export (no {WEIGHTS_NAME})")
+    verify_export(folder, document.get("export_format", 0))
     config = run_config_of(document, weights)
     backbone = build_backbone(config)
     if backbone.weights_sha256 != document["base_model_sha256"]:
@@ -233,13 +237,17 @@ def load_folder(
         model.load_learned_state(state, finished)
     except BadInputError as error:
         raise BadInputError(f"{folder / WEIGHTS_NAME}: {error}") from error
-    except (ValueError, RuntimeError, OSError) as error:
+    except (SafetensorError, ValueError, RuntimeError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise BadInputError(f"{folder / WEIGHTS_NAME} does not fit method {document['method']}: {reason}") from error
     model.to(resolve_device(device))
     seen = finished[-1].total_classes if finished else 0
     metrics = rundir.read_json(folder / METRICS_NAME) if (folder / METRICS_NAME).is_file() else {}
-    card = (folder / CARD_NAME).read_text(encoding="utf-8") if (folder / CARD_NAME).is_file() else ""
+    if not isinstance(metrics, dict):
+        raise BadInputError(f"{folder / METRICS_NAME} holds a JSON {type(metrics).__name__}, not an object")
+    card = ""
+    if (folder / CARD_NAME).is_file():
+        card = (folder / CARD_NAME).read_text(encoding="utf-8", errors="replace")  # documentation only
     return ContinualModel(model, document["class_names"][:seen], document, metrics, card, source or str(folder))
 
 
@@ -251,7 +259,7 @@ def locate_export(path_or_repo_id: str | Path, **download_options) -> Path:
         download_options: `hub.download_export`'s revision, token, cache_dir, force_download, local_files_only.
     """
     text = str(path_or_repo_id)
-    path = Path(text).expanduser()
+    path = expand_user(text)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise BadInputError(f"{path} is not an ntkcl run directory or export (no run.json / {CONFIG_NAME})")

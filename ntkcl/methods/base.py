@@ -196,10 +196,16 @@ def indexed_features(data: TaskData, feature_fn) -> tuple[torch.Tensor, torch.Te
     return torch.cat(features), torch.cat(labels), torch.cat(positions)
 
 
+def batch_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Percentage of `labels` ranked first by `logits`: the `train_acc` a method logs, in the same unit as
+    every other accuracy ntkcl reports."""
+    return (logits.argmax(dim=1) == labels).float().mean() * 100
+
+
 def own_class_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, first_class: int, label_smoothing: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of a head over one task's classes (logit k is label first_class + k) and its accuracy.
+    """Cross-entropy of a head over one task's classes (logit k is label first_class + k) and its accuracy (%).
 
     Images labelled with another task's class (mixed training sets such as VTAB-SimS) add nothing; the loss
     stays a mean over the whole batch, so a batch without any of the task's images gives 0, not NaN.
@@ -208,7 +214,7 @@ def own_class_cross_entropy(
     own = (local >= 0) & (local < logits.shape[1])
     summed = F.cross_entropy(logits.float()[own], local[own], label_smoothing=label_smoothing, reduction="sum")
     hits = (logits[own].argmax(dim=1) == local[own]).float().sum()
-    return summed / len(labels), hits / own.sum().clamp_min(1)
+    return summed / len(labels), 100 * hits / own.sum().clamp_min(1)
 
 
 def gather_rows(data: TaskData, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

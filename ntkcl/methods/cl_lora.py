@@ -61,7 +61,15 @@ from pydantic import Field
 from torch import nn
 
 from ntkcl.errors import BadInputError
-from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskData, TaskInfo, class_means
+from ntkcl.methods.base import (
+    ContinualMethod,
+    MethodParams,
+    StepOutput,
+    TaskData,
+    TaskInfo,
+    batch_accuracy,
+    class_means,
+)
 from ntkcl.models.backbone import FUSED_QKV_ATTENTION, PRE_NORM_BLOCKS, VIT_TOKENS, Backbone, BlockForward
 from ntkcl.models.heads import CosineLinear, PrototypeClassifier
 from ntkcl.models.lora import LoRA, StackedLoRA, lora_block_forward, pack_qkv, run_blocks_for_tasks
@@ -312,7 +320,7 @@ class CLLoRA(ContinualMethod):
         cross_entropy = F.cross_entropy(logits.float(), local)
         older = [task.block_weights for task in self.tasks[:-1]]
         orthogonality = block_weight_orthogonality(current.block_weights, older)
-        accuracy = (logits.argmax(dim=1) == local).float().mean()
+        accuracy = batch_accuracy(logits, local)
         logs = {"ce": cross_entropy.detach(), "orth": orthogonality.detach(), "train_acc": accuracy.detach()}
         return StepOutput(cross_entropy + self.params.orth_weight * orthogonality, logs)
 

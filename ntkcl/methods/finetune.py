@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskInfo
+from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskInfo, batch_accuracy
 from ntkcl.models.adapters import BottleneckAdapter, adapter_block_forward
 from ntkcl.models.backbone import PRE_NORM_BLOCKS, VIT_TOKENS, Backbone
 
@@ -53,7 +53,7 @@ class Finetune(ContinualMethod):
     def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         logits = self._logits(images)
         loss = F.cross_entropy(logits.float(), labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        accuracy = batch_accuracy(logits, labels)
         return StepOutput(loss, {"loss": loss.detach(), "train_acc": accuracy.detach()})
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,15 @@ from pydantic import Field
 from torch import nn
 
 from ntkcl.errors import BadInputError
-from ntkcl.methods.base import ContinualMethod, MethodParams, StepOutput, TaskData, TaskInfo, class_means
+from ntkcl.methods.base import (
+    ContinualMethod,
+    MethodParams,
+    StepOutput,
+    TaskData,
+    TaskInfo,
+    batch_accuracy,
+    class_means,
+)
 from ntkcl.models.adapters import BottleneckAdapter, adapter_block_forward
 from ntkcl.models.backbone import PRE_NORM_BLOCKS, VIT_TOKENS, Backbone
 from ntkcl.models.fusion import AttentionFusion
@@ -305,7 +313,7 @@ class NTKCL(ContinualMethod):
         if params.model_name != "both":
             key = params.model_name
             loss = F.cross_entropy(logits[key].float(), local)
-            accuracy = (logits[key].argmax(dim=1) == local).float().mean()
+            accuracy = batch_accuracy(logits[key], local)
             return StepOutput(loss, {"ce": loss.detach(), "train_acc": accuracy.detach()})
         cross_entropy = sum(F.cross_entropy(value.float(), local) for value in logits.values())
         mutual_information = finite_or_zero(self._mutual_information(fused, labels))
@@ -319,7 +327,7 @@ class NTKCL(ContinualMethod):
             )
         regularisation = finite_or_zero(self._regularisation())
         loss = cross_entropy + params.nce_weight * mutual_information + params.reg_weight * regularisation
-        accuracy = (logits["fused"].argmax(dim=1) == local).float().mean()
+        accuracy = batch_accuracy(logits["fused"], local)
         logs = {
             "ce": cross_entropy.detach(),
             "mi": mutual_information.detach(),

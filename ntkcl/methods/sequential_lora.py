@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ntkcl.methods.base import StepOutput, TaskData, TaskInfo
+from ntkcl.methods.base import StepOutput, TaskData, TaskInfo, batch_accuracy
 from ntkcl.methods.zero_shot import ZeroShot, ZeroShotParams
 from ntkcl.models.heads import clip_logits
 from ntkcl.models.lora import LoRA, attach_weight_delta, detach_weight_delta
@@ -124,7 +124,7 @@ class SequentialLoRA(ZeroShot):
         logits = self.task_logits(self.backbone(images), task)
         local = labels - task.known_classes
         loss = F.cross_entropy(logits.float(), local)
-        accuracy = (logits.argmax(dim=1) == local).float().mean()
+        accuracy = batch_accuracy(logits, local)
         return StepOutput(loss, {"train_acc": accuracy.detach()})
 
     @torch.no_grad()

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ntkcl.errors import BadInputError
+from ntkcl.extras import require
 from ntkcl.files import sha256_file
-from ntkcl.models.backbone import (
+from ntkcl.models._backbone_common import (
     CLIP_TOWERS,
     NORMALIZATION_CONSTANTS,
     VIT_TOKENS,
@@ -225,7 +226,7 @@ def _quiet_open_clip():
 
 def _resolve(name: str) -> tuple[str, str | None, bool]:
     """(open_clip model name or hf-hub:/local-dir: spec, pretrained tag, whether it is such a spec)."""
-    import open_clip
+    open_clip = require("open_clip")
 
     if not name.startswith(CLIP_PREFIX) or not name[len(CLIP_PREFIX) :]:
         raise BadInputError(f"{name!r} is not a CLIP backbone name (clip:ViT-B-16/openai)")
@@ -240,7 +241,7 @@ def _resolve(name: str) -> tuple[str, str | None, bool]:
 
 
 def _origin(name: str, model_name: str, tag: str | None, pretrained: bool, file: Path | None) -> BackboneOrigin:
-    import open_clip
+    open_clip = require("open_clip")
 
     hub = ""
     if file is None and pretrained:
@@ -291,7 +292,7 @@ def create_clip_backbone(
         normalize: input normalisation, see `ClipBackbone`.
         allow_partial: load a `weights` file that does not cover the model (non-strict) instead of refusing it.
     """
-    import open_clip
+    open_clip = require("open_clip")
 
     model_name, tag, is_schema = _resolve(name)
     quick_gelu = bool(tag and open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))

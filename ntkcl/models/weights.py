@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ntkcl.errors import BadInputError
-from ntkcl.files import sha256_file
+from ntkcl.files import expand_user, sha256_file
 from ntkcl.models.shipped import RANDOM_INIT, SHIPPED_BACKBONES, SHIPPED_SOURCE
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,35 @@ def _describe_shipped(name: str, model_kwargs: dict | None) -> tuple[nn.Module, 
     )
 
 
+# No vision transformer has blocks, heads or a patch grid anywhere near these; larger values are typos.
+ARCHITECTURE_LIMITS = {"depth": 1024, "num_heads": 1024, "patch_size": 4096, "img_size": 16384, "embed_dim": 65536}
+
+
+def check_architecture(model_kwargs: dict) -> None:
+    """Degenerate ViT sizes in `backbone.model_kwargs`, refused before timm divides by them.
+
+    Each size is a positive integer within `ARCHITECTURE_LIMITS`, the patch size divides the image size and
+    the heads divide the width.
+    """
+    for key, limit in ARCHITECTURE_LIMITS.items():
+        value = model_kwargs.get(key)
+        values = value if key in ("patch_size", "img_size") and isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if item is None:
+                continue
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= limit:
+                raise BadInputError(f"backbone.model_kwargs.{key} must be an integer from 1 to {limit}, not {item!r}")
+    image, patch = model_kwargs.get("img_size"), model_kwargs.get("patch_size")
+    if isinstance(image, int) and isinstance(patch, int) and image % patch:
+        raise BadInputError(
+            f"backbone.model_kwargs.patch_size {patch} does not divide img_size {image}: the patch grid would "
+            "drop the image's border"
+        )
+    width, heads = model_kwargs.get("embed_dim"), model_kwargs.get("num_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise BadInputError(f"backbone.model_kwargs.num_heads {heads} does not divide embed_dim {width}")
+
+
 def describe_timm_model(name: str, model_kwargs: dict | None = None) -> tuple[nn.Module, BackboneOrigin]:
     """The architecture of `name` built on the meta device (no memory, no weights read) and where it comes from.
 
@@ -166,10 +196,11 @@ def describe_timm_model(name: str, model_kwargs: dict | None = None) -> tuple[nn
         return _describe_shipped(name, model_kwargs)
     requested = name
     name = canonical_timm_name(name)
+    check_architecture(dict(model_kwargs or {}))
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, num_classes=0, **dict(model_kwargs or {}))
-    except (RuntimeError, ValueError, OSError, TypeError, EntryNotFoundError) as error:
+    except (RuntimeError, ValueError, OSError, TypeError, ArithmeticError, AssertionError, EntryNotFoundError) as error:
         raise _timm_failure(name, error) from error
     config = dict(model.pretrained_cfg or {})
     architecture = config.get("architecture") or name.split(".", 1)[0]
@@ -196,7 +227,7 @@ def _weights_in_folder(folder: Path) -> Path:
 
 def weights_file(weights: str | Path) -> Path:
     """The file a `--weights` value names: the file itself, or the weights file inside a folder."""
-    path = Path(weights).expanduser()
+    path = expand_user(weights)
     if path.is_dir():
         return _weights_in_folder(path)
     if not path.is_file():
@@ -289,8 +320,11 @@ def locate_weights(origin: BackboneOrigin, weights: str | Path | None) -> Backbo
 
 def _checkpoint_format(path: Path) -> str | None:
     """ "safetensors", "pytorch" (zip or pickle) or None, from the first bytes of the file."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as error:  # a special file such as /proc/self/mem, or one without read permission
+        raise BadInputError(f"backbone weights {path} cannot be read: {error.strerror or error}") from error
     if path.suffix == ".safetensors" and len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
@@ -336,21 +370,35 @@ def _classifier_keys(config: dict) -> set[str]:
     return {f"{name}.{suffix}" for name in names for suffix in ("weight", "bias")}
 
 
-def _key_groups(keys: list[str], shown: int = 6) -> str:
-    """`blocks.4.*, blocks.5.*, norm.weight`: numbered sub-modules folded into one entry each."""
-    groups = list(dict.fromkeys(re.sub(r"^(\w+\.\d+)\..*", r"\1.*", key) for key in keys))
+def _key_groups(keys: list[str], universe: Iterable[str], shown: int = 6) -> str:
+    """`blocks.4.*, blocks.5.*, norm.weight`: a numbered sub-module is folded into one entry only when every
+    one of its tensors in `universe` is listed; otherwise its keys are named exactly."""
+    listed = set(keys)
+    members: dict[str, set[str]] = {}
+    for key in universe:
+        match = re.match(r"^(\w+\.\d+)\.", key)
+        if match:
+            members.setdefault(match.group(1), set()).add(key)
+    entries = []
+    for key in keys:
+        match = re.match(r"^(\w+\.\d+)\.", key)
+        whole = match is not None and members.get(match.group(1), {key}) <= listed
+        entries.append(f"{match.group(1)}.*" if whole else key)
+    groups = list(dict.fromkeys(entries))
     more = f" (+{len(groups) - shown} more)" if len(groups) > shown else ""
     return ", ".join(groups[:shown]) + more
 
 
-def load_problems(error: RuntimeError) -> str:
-    """`missing blocks.5.*, norm.weight; unexpected head.fc.weight` from torch's strict-load error."""
+def load_problems(error: RuntimeError, model_keys: Iterable[str], file_keys: Iterable[str]) -> str:
+    """`missing blocks.5.*, norm.weight; unexpected head.fc.weight` from torch's strict-load error; a block is
+    folded only when all of it is missing (model keys) or unexpected (file keys)."""
     text = str(error)
+    model_keys, file_keys = set(model_keys), set(file_keys)
     parts = []
     for label, pattern in _LOAD_PROBLEMS.items():
         keys = [key for match in pattern.findall(text) for key in re.findall(r'"([^"]+)"', match) or [match]]
         if keys:
-            parts.append(f"{label} {_key_groups(keys)}")
+            parts.append(f"{label} {_key_groups(keys, file_keys if label == 'unexpected' else model_keys)}")
     return "; ".join(parts) or first_line(error)
 
 
@@ -391,7 +439,9 @@ def create_timm_model(
                 raise BadInputError(
                     f"cannot load {origin.weights_file} into {origin.name}: {first_line(error)}"
                 ) from error
-            problems = load_problems(error)
+            with torch.device("meta"):
+                model_keys = timm.create_model(name, pretrained=False, **kwargs).state_dict().keys()
+            problems = load_problems(error, model_keys, state.keys())
             if not allow_partial or "wrong shape" in problems:
                 raise BadInputError(
                     f"{origin.weights_file} does not fit {origin.name} with {kwargs}: {problems}"

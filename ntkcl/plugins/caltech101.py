@@ -65,6 +65,7 @@ class Caltech101(FolderDataset):
     class_names = CLASS_NAMES
     label_order = "case-sensitive sort of the category folders, BACKGROUND_Google removed (torchvision)"
     homepage = "https://data.caltech.edu/records/mzrjq-6wc02"
+    hub_dataset_id = "flwrlabs/caltech101"
     license = "CC BY 4.0"
     citation = (
         "@inproceedings{feifei2004learning, title={Learning Generative Visual Models from Few Training Examples: "

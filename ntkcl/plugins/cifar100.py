@@ -51,6 +51,7 @@ class Cifar100(PreparedDataset):
     class_names = CLASS_NAMES
     label_order = "official fine_labels (alphabetical fine_label_names)"
     homepage = "https://www.cs.toronto.edu/~kriz/cifar.html"
+    hub_dataset_id = "uoft-cs/cifar100"
     license = "no formal licence published; distributed by the authors for research"
     citation = (
         "@techreport{krizhevsky2009learning, title={Learning Multiple Layers of Features from Tiny Images}, "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ntkcl.data.manifest import Manifest, read_manifest, write_manifest
+from ntkcl.data.manifest import Manifest, read_manifest, staged_dataset_folder, write_manifest
 from ntkcl.data.plugin import DatasetPlugin
 
 ARRAY_FILE = "digits.npz"
@@ -44,20 +44,19 @@ class Digits(DatasetPlugin):
         labels = bunch.target.astype(np.int64)
         indices = np.arange(len(labels))
         train, test = train_test_split(indices, test_size=0.2, stratify=labels, random_state=0)
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{ARRAY_FILE}.tmp.npz"
-        np.savez_compressed(temporary, images=images)
-        temporary.replace(folder / ARRAY_FILE)
-        return write_manifest(
-            folder,
-            self.name,
-            self.class_names,
-            {
-                "train": [(f"{ARRAY_FILE}#{i:04d}", labels[i]) for i in train],
-                "test": [(f"{ARRAY_FILE}#{i:04d}", labels[i]) for i in test],
-            },
-            sources=[{"origin": "sklearn.datasets.load_digits", "verified": "bundled with scikit-learn"}],
-        )
+        with staged_dataset_folder(folder) as stage:
+            np.savez_compressed(stage / ARRAY_FILE, images=images)
+            write_manifest(
+                stage,
+                self.name,
+                self.class_names,
+                {
+                    "train": [(f"{ARRAY_FILE}#{i:04d}", labels[i]) for i in train],
+                    "test": [(f"{ARRAY_FILE}#{i:04d}", labels[i]) for i in test],
+                },
+                sources=[{"origin": "sklearn.datasets.load_digits", "verified": "bundled with scikit-learn"}],
+            )
+        return read_manifest(folder)
 
 
 plugin = Digits()

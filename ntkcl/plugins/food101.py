@@ -30,6 +30,7 @@ class Food101(PreparedDataset):
     num_classes = 101
     label_order = "sorted class names (the keys of meta/train.json)"
     homepage = "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/"
+    hub_dataset_id = "ethz/food101"
     license = "images from foodspotting.com under their terms; for research"
     citation = (
         "@inproceedings{bossard2014food, title={Food-101 -- Mining Discriminative Components with Random "

@@ -64,6 +64,7 @@ class MNIST(PreparedDataset):
     class_names = tuple(str(d) for d in range(10))
     label_order = "the digit itself (0..9)"
     homepage = "http://yann.lecun.com/exdb/mnist/"
+    hub_dataset_id = "ylecun/mnist"
     license = "CC BY-SA 3.0 (per the torchvision and TensorFlow Datasets catalogues)"
     citation = (
         "@article{lecun1998gradient, title={Gradient-Based Learning Applied to Document Recognition}, "

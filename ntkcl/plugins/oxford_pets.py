@@ -58,6 +58,7 @@ class OxfordPets(PreparedDataset):
     class_names = CLASS_NAMES
     label_order = "official class ids (1..37) minus one: case-insensitive alphabetical breed names"
     homepage = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
+    hub_dataset_id = "timm/oxford-iiit-pet"
     license = "CC BY-SA 4.0; image copyright stays with the image owners"
     citation = (
         "@inproceedings{parkhi2012cats, title={Cats and Dogs}, author={Parkhi, Omkar M. and Vedaldi, Andrea and "

@@ -18,6 +18,7 @@ import numpy as np
 from ntkcl.data.plugin import RemoteFile
 from ntkcl.data.prepared import Inputs, Layout, PreparedDataset
 from ntkcl.errors import BadInputError
+from ntkcl.extras import require
 
 BASE_URL = "https://zenodo.org/records/2546921/files/"
 MD5 = {
@@ -39,10 +40,7 @@ CHUNK = 4096
 
 def _read_h5(compressed: Path, scratch: Path, key: str):
     """Decompress `compressed` into `scratch` and open its dataset `key` (the caller closes the file)."""
-    try:
-        import h5py
-    except ImportError as error:
-        raise BadInputError("patch-camelyon needs h5py to read its HDF5 files: pip install h5py") from error
+    h5py = require("h5py")
     with gzip.open(compressed, "rb") as source, open(scratch, "wb") as target:
         shutil.copyfileobj(source, target, length=1 << 24)
     handle = h5py.File(scratch, "r")

@@ -10,12 +10,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ntkcl.data.manifest import Manifest, read_manifest, write_manifest
+from ntkcl.data.manifest import Manifest, read_manifest, staged_dataset_folder, write_manifest
 from ntkcl.data.plugin import DatasetPlugin
-from ntkcl.errors import BadInputError
 
 ARRAY_FILE = "images.npz"
+# The generated images are held in memory at once (uint8 RGB): at most this many bytes.
+MAX_BYTES = 1 << 31
+
+
+class SyntheticOptions(BaseModel):
+    """`stream.dataset_options` of the synthetic dataset: integers only (no booleans or text), bounded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    classes: int = Field(10, ge=1, le=10_000, description="classes to generate")
+    per_class: int = Field(20, ge=2, le=100_000, description="images per class")
+    size: int = Field(32, ge=8, le=1024, description="image side in pixels")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="generator seed (numpy's 32 bits)")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticOptions:
+        total = self.classes * self.per_class * self.size * self.size * 3
+        if total > MAX_BYTES:
+            raise ValueError(
+                f"classes x per_class x size^2 x 3 = {total:,} bytes of images exceeds the {MAX_BYTES:,} generated "
+                "in memory; lower one of them"
+            )
+        return self
 
 
 class Synthetic(DatasetPlugin):
@@ -43,15 +66,11 @@ class Synthetic(DatasetPlugin):
         self.default_init_classes = max(1, num_classes // 5)
         self.default_increment = max(1, num_classes // 5)
 
-    def configure(self, **options: int) -> Synthetic:
-        """A copy with other settings (`--set stream.dataset_options.classes=20`)."""
-        allowed = {"classes", "per_class", "size", "seed"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise BadInputError(f"synthetic: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        settings = {**self._settings(), **{k: int(v) for k, v in options.items()}}
-        if settings["classes"] < 1 or settings["per_class"] < 2 or settings["size"] < 8:
-            raise BadInputError("synthetic: needs classes >= 1, per_class >= 2, size >= 8")
+    Options = SyntheticOptions
+
+    def configured(self, options: SyntheticOptions) -> Synthetic:
+        """A copy with other settings (`--set stream.dataset_options.classes=20`); unset options keep these."""
+        settings = {**self._settings(), **options.model_dump(exclude_unset=True)}
         return Synthetic(settings["classes"], settings["per_class"], settings["size"], settings["seed"])
 
     def _settings(self) -> dict[str, int]:
@@ -88,23 +107,22 @@ class Synthetic(DatasetPlugin):
         if self.is_prepared(root) and not force:
             return read_manifest(folder)
         images, labels = self.generate()
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{ARRAY_FILE}.tmp.npz"
-        np.savez_compressed(temporary, images=images)
-        temporary.replace(folder / ARRAY_FILE)
         within_class = np.arange(len(labels)) % self.per_class
         is_test = within_class >= int(round(self.per_class * 0.8))
         rows = [(f"{ARRAY_FILE}#{i:06d}", labels[i]) for i in range(len(labels))]
-        return write_manifest(
-            folder,
-            self.name,
-            self.class_names,
-            {
-                "train": [row for row, test in zip(rows, is_test) if not test],
-                "test": [row for row, test in zip(rows, is_test) if test],
-            },
-            sources=[{"origin": "generated", "settings": self._settings(), "verified": "deterministic"}],
-        )
+        with staged_dataset_folder(folder) as stage:
+            np.savez_compressed(stage / ARRAY_FILE, images=images)
+            write_manifest(
+                stage,
+                self.name,
+                self.class_names,
+                {
+                    "train": [row for row, test in zip(rows, is_test) if not test],
+                    "test": [row for row, test in zip(rows, is_test) if test],
+                },
+                sources=[{"origin": "generated", "settings": self._settings(), "verified": "deterministic"}],
+            )
+        return read_manifest(folder)
 
 
 plugin = Synthetic()
