@@ -60,6 +60,11 @@ def test_pretraining_is_deterministic_and_records_its_settings(tmp_path, capsys)
     assert "ntkcl-tiny-fdsl" in card and first["weights_sha256"] in card
     assert pretrain.main(["--output", str(tmp_path / "c"), "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert pretrain.main(["--output", str(tmp_path / "a"), *arguments]) == 0  # its own folder is replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert pretrain.main(["--output", str(tmp_path / "other"), *arguments]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err
 
 
 def test_the_shipped_weights_load_strictly_under_their_own_name():

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ntkcl.files import atomic_write_text, sha256_file, staged_folder
+from ntkcl.errors import BadInputError
+from ntkcl.files import atomic_write_text, check_replaceable, sha256_file, staged_folder
 from ntkcl.models.shipped import (
     CARD_FILE_NAME,
     NTKCL_TINY_FDSL,
@@ -37,6 +38,14 @@ from ntkcl.models.shipped import (
     ShippedBackbone,
 )
 from ntkcl.pretraining.fractals import FractalSettings, generate
+
+PRETRAINED_KIND = "pretrained-backbone"  # the folder kind `staged_folder` records in its marker
+PRETRAINED_FILES = {WEIGHTS_FILE_NAME, SETTINGS_FILE_NAME, CARD_FILE_NAME}
+
+
+def _is_pretrained_folder(folder: Path) -> bool:
+    """A folder this script wrote before folders carried a marker (the shipped one): by its file set."""
+    return {path.name for path in folder.iterdir()} == PRETRAINED_FILES
 
 
 @dataclass(frozen=True)
@@ -244,7 +253,7 @@ def write_backbone(folder: Path, backbone: ShippedBackbone, state: dict[str, tor
     """Weights, settings and card into `folder` (replaced only when complete). Returns the final record."""
     from safetensors.torch import save_file
 
-    with staged_folder(folder) as staging:
+    with staged_folder(folder, PRETRAINED_KIND, _is_pretrained_folder) as staging:
         save_file(state, str(staging / WEIGHTS_FILE_NAME), metadata={"format": "pt"})
         report = {
             **report,
@@ -288,8 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     if data.num_categories * data.instances_per_category < training.batch_size:
         print("--categories x --instances must be at least --batch-size", file=sys.stderr)
         return 2
-    state, report = pretrain(NTKCL_TINY_FDSL, data, training, log=lambda line: print(line, flush=True))
-    report = write_backbone(args.output, NTKCL_TINY_FDSL, state, report)
+    try:
+        check_replaceable(args.output, PRETRAINED_KIND, _is_pretrained_folder)
+        state, report = pretrain(NTKCL_TINY_FDSL, data, training, log=lambda line: print(line, flush=True))
+        report = write_backbone(args.output, NTKCL_TINY_FDSL, state, report)
+    except BadInputError as error:
+        print(error, file=sys.stderr)
+        return 2
     print(json.dumps({key: report[key] for key in ("weights_sha256", "cpu_seconds", "wall_seconds")}))
     return 0
 
