@@ -281,6 +281,11 @@ class RuntimeConfig(_Section):
         default="auto",
         description="torch.compile the method's backbone passes; auto = on CUDA for runs long enough to pay back",
     )
+    no_training_reference: bool = Field(
+        default=True,
+        description="also score SimpleCIL on the run's backbone and stream, the no-training reference printed "
+        "after the summary (one pass over the training and the test images)",
+    )
 
     @field_validator("device")
     @classmethod

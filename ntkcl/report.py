@@ -39,6 +39,7 @@ from ntkcl.engine.groups import GROUP_METRICS, Group, is_group, mean_sd
 from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.errors import BadInputError
 from ntkcl.extras import require
+from ntkcl.models.shipped import RANDOM_INIT
 
 INDEX_FILE = "index.html"
 ALL_SEEN_FILE = "all_seen_accuracy.png"
@@ -81,7 +82,8 @@ class RunSummary:
             name=path.name,
             method=config["method"]["name"],
             stream=config["stream"]["dataset"],
-            backbone=config["backbone"]["name"],
+            backbone=record["backbone"]["name"]
+            + ("" if record["backbone"].get("pretrained", True) else f" ({RANDOM_INIT})"),
             num_tasks=len(record["task_sizes"]),
             matrix=matrix,
             config=config,

@@ -56,6 +56,8 @@ def tiny_digits_run(*, init_classes: int, increment: int, epochs: int = 1, batch
         *batch,
         "--num-workers",
         "0",
+        "--set",
+        "runtime.no_training_reference=false",
         "-q",
         "--json",
     ]

@@ -186,6 +186,19 @@ def metrics_summary(metrics: dict) -> str:
     return line
 
 
+def reference_line(method: str, metrics: dict) -> str | None:
+    """`ntk-cl A_T 88.10 (forgetting 3.20) vs 74.30 (forgetting 5.00) with no training (simplecil)`: what the
+    method adds over the run's no-training reference (None when the run has none)."""
+    reference = metrics.get("no_training_reference")
+    if not reference:
+        return None
+    return (
+        f"{method} A_T {_percent(metrics['final_accuracy'])} (forgetting {_percent(metrics['forgetting'])}) "
+        f"vs {_percent(reference['final_accuracy'])} (forgetting {_percent(reference['forgetting'])}) "
+        f"with no training ({reference['method']})"
+    )
+
+
 def print_metrics(metrics: dict, title: str = "Accuracy (%) after each task") -> None:
     stdout.print(metrics_table(metrics, title))
     if metrics.get("task_retrieval"):

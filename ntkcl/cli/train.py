@@ -308,6 +308,9 @@ def train(
     _common.print_metrics(
         metrics, title=f"{config.stream.dataset} / {config.method.name}: accuracy (%) after each task"
     )
+    reference = _common.reference_line(config.method.name, metrics)
+    if reference is not None:
+        _common.stdout.print(reference, highlight=False)
     _common.stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
 

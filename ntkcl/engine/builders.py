@@ -32,6 +32,7 @@ from ntkcl.models.backbone import (
     create_backbone,
     describe_backbone,
 )
+from ntkcl.models.weights import SHIPPED_SOURCE, timm_model_kwargs
 
 
 def data_root(config: RunConfig) -> Path:
@@ -158,14 +159,21 @@ def complete_config(config: RunConfig) -> RunConfig:
     check that they fit each other.
 
     A bare or deprecated timm backbone name becomes the `arch.tag` it resolves to, so the saved config says
-    which weights it means.
+    which weights it means. A timm backbone without weights becomes its bare architecture with its full
+    `model_kwargs` (those of a shipped backbone included), so no tag or shipped name claims weights it lacks.
     """
     method = get_method(config.method.name)
     resolved = config.model_copy(deep=True)
     # Values first: a malformed hyper-parameter is named before the backbone or data are looked at.
     resolved.method.params = validate_params(method, config.method.params).model_dump(mode="json")
     origin = check_backbone(config).origin
-    if origin.source == "timm":
+    settings = config.backbone
+    random_init = not settings.pretrained and settings.weights is None
+    other_weights = origin.source == SHIPPED_SOURCE and settings.weights is not None
+    if (random_init and origin.source in ("timm", SHIPPED_SOURCE)) or other_weights:
+        resolved.backbone.model_kwargs = timm_model_kwargs(settings.name, settings.model_kwargs)
+        resolved.backbone.name = origin.architecture
+    elif origin.source == "timm":
         resolved.backbone.name = origin.name
     definition = stream_definition(config)
     if definition is None:

@@ -38,6 +38,7 @@ from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.phases import PhaseClock
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
+from ntkcl.engine.reference import has_reference, reference_matrix, reference_summary
 from ntkcl.engine.run_reader import read_run_folder
 from ntkcl.engine.seeding import derived_seed, seed_everything
 from ntkcl.engine.tracking import Tracking
@@ -178,6 +179,9 @@ class Trainer:
             self.reporter.message(f"data feed: {self.feed_choice.feed} ({self.feed_choice.reason})")
         if evaluates_untrained_tasks(self.method, self.stream):
             self.zero_shot = self._zero_shot_row()  # before any saved state is loaded
+        # Before any saved state is loaded, so a method's merged weight deltas are not in the reference's features.
+        wanted = self.config.runtime.no_training_reference and has_reference(self.method, self.scoring)
+        reference = self._no_training_reference() if wanted else None
         records = self._restore() if resume else []
         started = time.perf_counter()
         snapshot = rundir.latest_snapshot(self.run_dir, len(records)) if resume else None
@@ -192,6 +196,8 @@ class Trainer:
         metrics = {}
         if ctx.is_main and matrix is not None:
             extra = {"wall_time_s_last_session": time.perf_counter() - started}
+            if reference is not None:
+                extra["no_training_reference"] = reference
             metrics = self._write_metrics(records, finished=True, extra=extra)
         ctx.barrier()
         return RunResult(self.run_dir, matrix, metrics, finished=True, main_process=ctx.is_main)
@@ -201,6 +207,16 @@ class Trainer:
 
     def _write_metrics(self, records: list[dict], finished: bool, extra: dict | None = None) -> dict:
         return rundir.write_task_metrics(self.run_dir, records, self.zero_shot, finished, extra)
+
+    def _no_training_reference(self) -> dict:
+        """SimpleCIL's A_T and forgetting on this run's backbone and stream (`ntkcl.engine.reference`)."""
+        started = time.perf_counter()
+        summary = reference_summary(reference_matrix(self.backbone, self.scoring))
+        self.reporter.message(
+            f"no-training reference ({summary['method']}): A_T {summary['final_accuracy']:.2f} "
+            f"({time.perf_counter() - started:.1f}s)"
+        )
+        return summary
 
     def _zero_shot_row(self) -> list[tuple[int, int]]:
         """Every task scored before the first is trained: computed once, kept in the run folder for resumes."""

@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from ntkcl.errors import BadInputError
 from ntkcl.export.constants import LIBRARY_NAME, WEIGHTS_NAME
+from ntkcl.models.shipped import RANDOM_INIT, SHIPPED_SOURCE
 
 CARD_MARKER = "<!-- ntkcl-card-sha256:"
 UNCHOSEN_LICENSE = "unspecified"
@@ -183,10 +184,12 @@ def _backbone_line(document: dict) -> str:
     if origin.get("hf_hub_id"):
         revision = f" at revision `{origin['revision'][:12]}`" if origin.get("revision") else ""
         weights = f"weights of [{origin['hf_hub_id']}](https://huggingface.co/{origin['hf_hub_id']}){revision}"
+    elif origin.get("source") == SHIPPED_SOURCE:
+        weights = "weights shipped with ntkcl, pre-trained on generated images"
     elif backbone["pretrained"]:
         weights = "local pre-trained weights"
     else:
-        weights = f"random initialisation, seed {backbone['init_seed']}"
+        weights = f"{RANDOM_INIT}, seed {backbone['init_seed']}"
     return f"`{backbone['name']}` ({weights}; loaded tensors sha256 `{document['base_model_sha256'][:16]}…`)"
 
 

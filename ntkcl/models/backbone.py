@@ -45,6 +45,7 @@ from ntkcl.models.weights import (
     create_timm_model,
     describe_timm_model,
     locate_weights,
+    timm_model_kwargs,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.vit = model
         self.origin = origin
-        self.name = origin.name
+        self.name = origin.label
         self.weights_sha256 = weights_sha256
         self.normalize = normalize
         for parameter in self.vit.parameters():
@@ -188,9 +189,8 @@ def _create_timm(
     model, origin = describe_timm_model(name, model_kwargs)
     if VIT_TOKENS not in model_features(model):
         raise BadInputError(f"backbone {origin.name} ({model_kind(model)}) is not a timm VisionTransformer")
-    if weights is not None or pretrained:
-        origin = locate_weights(origin, weights)
-    vit = create_timm_model(origin, model_kwargs, init_seed, allow_partial)
+    origin = locate_weights(origin, weights) if weights is not None or pretrained else origin.architecture_only()
+    vit = create_timm_model(origin, timm_model_kwargs(name, model_kwargs), init_seed, allow_partial)
     return Backbone(vit, origin, state_dict_sha256(vit), normalize)
 
 
@@ -263,8 +263,9 @@ def create_backbone(
     """Create a frozen backbone by name (see `ntkcl.models.weights` for the names timm accepts).
 
     Args:
-        name: `arch.tag`, a bare architecture (timm's default tag), `hf-hub:<repo>`, `local-dir:<folder>`, or
-            `clip:ViT-B-16/openai` (see `ntkcl.models.clip.create_clip_backbone`).
+        name: `arch.tag`, a bare architecture (timm's default tag), `hf-hub:<repo>`, `local-dir:<folder>`, a
+            shipped backbone (`ntkcl-tiny-fdsl`, see `ntkcl.models.shipped`), or `clip:ViT-B-16/openai` (see
+            `ntkcl.models.clip.create_clip_backbone`).
         pretrained: load the pre-trained weights (Hugging Face Hub cache; honours HF_HUB_OFFLINE).
         weights: a local weights file or a folder holding `model.safetensors`; overrides `pretrained`.
         model_kwargs: extra `timm.create_model` arguments (img_size, patch_size, depth, ...).

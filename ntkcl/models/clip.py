@@ -62,7 +62,7 @@ class ClipBackbone(nn.Module):
         self.clip = model
         self.tokenizer = tokenizer
         self.origin = origin
-        self.name = origin.name
+        self.name = origin.label
         self.weights_sha256 = weights_sha256
         self.normalize = normalize
         for parameter in self.clip.parameters():

@@ -2,8 +2,11 @@
 
 Names: `arch.tag` (`vit_base_patch16_224.augreg_in21k`), a bare architecture (resolved to timm's default tag,
 so the run records which weights it means), a deprecated timm name (mapped to its current `arch.tag`),
-`hf-hub:<repo id>[@revision]` and `local-dir:<folder>` (a folder written by timm's `save_for_hf` / a Hub
-snapshot: `config.json` plus weights).
+`hf-hub:<repo id>[@revision]`, `local-dir:<folder>` (a folder written by timm's `save_for_hf` / a Hub
+snapshot: `config.json` plus weights) and the names of the backbones shipped in the package
+(`ntkcl.models.shipped`, e.g. `ntkcl-tiny-fdsl`: a timm architecture with fixed arguments and its own weights).
+A backbone without loaded weights is recorded as its bare architecture with `init: "random init"`, never
+under the tag of weights it does not hold.
 
 Weights come from the Hugging Face Hub cache (downloaded unless `HF_HUB_OFFLINE` is set), the local folder
 of a `local-dir:` name, or a file given explicitly. The file is located here rather than inside timm so that
@@ -26,12 +29,14 @@ from torch import nn
 
 from ntkcl.errors import BadInputError
 from ntkcl.files import expand_user, sha256_file
+from ntkcl.models.shipped import RANDOM_INIT, SHIPPED_BACKBONES, SHIPPED_SOURCE
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 HUB_WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
 TIMM_SOURCES = ("hf-hub", "local-dir")
+PRETRAINED_INIT = "pre-trained"
 # The keys torch's strict `load_state_dict` lists when a checkpoint does not fit the model.
 _LOAD_PROBLEMS = {
     "missing": re.compile(r'Missing key\(s\) in state_dict: ((?:"[^"]+"(?:, )?)+)'),
@@ -46,8 +51,9 @@ class BackboneOrigin:
 
     Attributes:
         requested: the name as given (config, `--backbone`).
-        name: the resolved timm `arch.tag` (the architecture alone when it has no pre-trained tag).
-        source: "timm" (the registry), "hf-hub" or "local-dir".
+        name: the resolved timm `arch.tag`, a shipped backbone's name, or the bare architecture when no
+            weights are loaded (random initialisation).
+        source: "timm" (the registry), "hf-hub", "local-dir" or "ntkcl" (shipped in the package).
         hf_hub_id: the Hub repo the weights were downloaded from (None for random or local weights).
         revision: the Hub commit of those weights.
         weights_file / weights_file_sha256: the file the weights were read from, and its sha256.
@@ -69,12 +75,39 @@ class BackboneOrigin:
 
     @property
     def timm_name(self) -> str:
-        """What to pass to `timm.create_model`: the prefixed name for Hub and folder sources, else `arch.tag`."""
-        return self.requested if self.source in TIMM_SOURCES else self.name
+        """What to pass to `timm.create_model`: the prefixed name for Hub and folder sources, the architecture
+        of a shipped backbone, else `arch.tag`."""
+        if self.source in TIMM_SOURCES:
+            return self.requested
+        return self.architecture if self.source == SHIPPED_SOURCE else self.name
+
+    @property
+    def init(self) -> str:
+        """ "pre-trained" or "random init"."""
+        return PRETRAINED_INIT if self.pretrained else RANDOM_INIT
+
+    @property
+    def label(self) -> str:
+        """What a person reads: `ntkcl-tiny-fdsl`, or `vit_tiny_patch16_224 (random init)`."""
+        return self.name if self.pretrained else f"{self.name} ({RANDOM_INIT})"
+
+    def architecture_only(self) -> BackboneOrigin:
+        """This architecture under its bare name, for weights that are not its tag's or shipped ones (random
+        initialisation, another file), so that no name claims weights the model does not hold."""
+        return BackboneOrigin(
+            **{
+                **asdict(self),
+                "name": self.architecture,
+                "tag": None,
+                "source": "timm" if self.source == SHIPPED_SOURCE else self.source,
+                "license": None,
+            }
+        )
 
     def record(self) -> dict:
         """The JSON-able provenance (without timm's full pretrained config)."""
-        return {key: value for key, value in asdict(self).items() if key != "pretrained_cfg"}
+        document = {key: value for key, value in asdict(self).items() if key != "pretrained_cfg"}
+        return {**document, "init": self.init}
 
 
 def first_line(error: BaseException) -> str:
@@ -100,6 +133,26 @@ def _timm_failure(name: str, error: BaseException) -> BadInputError:
     if is_offline_mode() and name.startswith("hf-hub:"):
         reason = "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
     return BadInputError(f"cannot resolve backbone {name!r}: {reason}")
+
+
+def timm_model_kwargs(name: str, model_kwargs: dict | None) -> dict:
+    """The `timm.create_model` arguments of `name`: a shipped backbone's own, updated by `model_kwargs`."""
+    shipped = SHIPPED_BACKBONES.get(name)
+    return {**(shipped.model_kwargs if shipped else {}), **dict(model_kwargs or {})}
+
+
+def _describe_shipped(name: str, model_kwargs: dict | None) -> tuple[nn.Module, BackboneOrigin]:
+    shipped = SHIPPED_BACKBONES[name]
+    model, origin = describe_timm_model(shipped.architecture, timm_model_kwargs(name, model_kwargs))
+    return model, BackboneOrigin(
+        requested=name,
+        name=shipped.name,
+        architecture=shipped.architecture,
+        tag=None,
+        source=SHIPPED_SOURCE,
+        license=shipped.license,
+        pretrained_cfg=origin.pretrained_cfg,
+    )
 
 
 # No vision transformer has blocks, heads or a patch grid anywhere near these; larger values are typos.
@@ -139,6 +192,8 @@ def describe_timm_model(name: str, model_kwargs: dict | None = None) -> tuple[nn
     """
     from huggingface_hub.errors import EntryNotFoundError
 
+    if name in SHIPPED_BACKBONES:
+        return _describe_shipped(name, model_kwargs)
     requested = name
     name = canonical_timm_name(name)
     check_architecture(dict(model_kwargs or {}))
@@ -229,6 +284,12 @@ def locate_weights(origin: BackboneOrigin, weights: str | Path | None) -> Backbo
     revision = hub_id = None
     if weights is not None:
         path = weights_file(weights)
+        if origin.source == SHIPPED_SOURCE:
+            origin = origin.architecture_only()
+    elif origin.source == SHIPPED_SOURCE:
+        path = SHIPPED_BACKBONES[origin.name].weights_file
+        if not path.is_file():
+            raise BadInputError(f"the {origin.name} weights are missing from this installation ({path})")
     elif origin.source == "local-dir":
         path = _weights_in_folder(Path(config["file"]))
     elif config.get("hf_hub_id"):
@@ -242,6 +303,9 @@ def locate_weights(origin: BackboneOrigin, weights: str | Path | None) -> Backbo
         raise BadInputError(
             f"timm has no pre-trained weights for {origin.name}; pass --weights FILE or --no-pretrained"
         )
+    sha256 = sha256_file(path)
+    if origin.source == SHIPPED_SOURCE and sha256 != SHIPPED_BACKBONES[origin.name].recorded_sha256():
+        raise BadInputError(f"{path} differs from the {origin.name} weights ntkcl shipped (sha256); reinstall ntkcl")
     return BackboneOrigin(
         **{
             **asdict(origin),
@@ -249,7 +313,7 @@ def locate_weights(origin: BackboneOrigin, weights: str | Path | None) -> Backbo
             "hf_hub_id": hub_id.partition("@")[0] if hub_id else None,
             "revision": revision,
             "weights_file": str(path),
-            "weights_file_sha256": sha256_file(path),
+            "weights_file_sha256": sha256,
         }
     )
 

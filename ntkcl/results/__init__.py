@@ -281,11 +281,11 @@ def matches_config(row: PublishedResult, config: dict) -> bool:
     every value the row's `set` assigns."""
     from ntkcl.config import parse_assignments
 
-    if (config["method"]["name"], config["stream"]["dataset"], config["backbone"]["name"]) != (
-        row.method,
-        row.stream,
-        row.backbone,
-    ):
+    backbone = config["backbone"]
+    # A randomly initialised run is saved under its bare architecture (no tag claims weights it lacks).
+    random_init = not backbone.get("pretrained", True) and backbone.get("weights") is None
+    wanted = row.backbone.split(".", 1)[0] if random_init else row.backbone
+    if (config["method"]["name"], config["stream"]["dataset"], backbone["name"]) != (row.method, row.stream, wanted):
         return False
     assigned, _ = parse_assignments(list(row.set))
 

@@ -1,0 +1,68 @@
+"""The no-training reference of a run: SimpleCIL on the same backbone, stream, transforms and class order.
+
+SimpleCIL (Zhou et al., arXiv 2303.07338) trains nothing: each class is the mean frozen-backbone feature of
+its training images and prediction is the nearest one by cosine. What a trained method adds is its accuracy
+beyond this. Its prototypes are independent rows set once per task, so the whole accuracy matrix comes from
+one pass over the training images and one over the test images: the row after task t is the argmax over the
+first `total_classes(t)` columns of the full logits, which is exactly what SimpleCIL scores at step t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ntkcl.data.scenarios import CLASS_INCREMENTAL
+from ntkcl.engine.evaluate import ScoringLoader, TaskImages, autocast_for
+from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.methods.base import ContinualMethod
+from ntkcl.methods.registry import get_method, validate_params
+
+REFERENCE_METHOD = "simplecil"
+
+
+def has_reference(method: ContinualMethod, scoring: ScoringLoader) -> bool:
+    """Class-incremental streams of a method other than the reference itself."""
+    return scoring.stream.scenario == CLASS_INCREMENTAL and method.name != REFERENCE_METHOD
+
+
+@torch.no_grad()
+def reference_matrix(backbone, scoring: ScoringLoader) -> AccuracyMatrix:
+    """SimpleCIL's accuracy matrix on `scoring`'s stream with `backbone` (every process takes part)."""
+    stream, ctx = scoring.stream, scoring.ctx
+    method_class = get_method(REFERENCE_METHOD)
+    reference = method_class(backbone, validate_params(method_class, {})).to(ctx.device).eval()
+    tasks = stream.tasks()
+    with autocast_for(ctx.device, scoring.precision):
+        for task in tasks:
+            reference.begin_task(task)
+            reference.to(ctx.device)
+            reference.end_task(task, TaskImages(scoring, task))
+    task_of_label = torch.as_tensor(stream.task_of_label(), device=ctx.device)
+    last = tasks[-1]
+    correct = torch.zeros(len(tasks), len(tasks), dtype=torch.int64, device=ctx.device)
+    total = torch.zeros(len(tasks), dtype=torch.int64, device=ctx.device)
+    for images, labels in scoring.batches(stream.test, stream.test_indices(last)):
+        with autocast_for(ctx.device, scoring.precision):
+            logits = reference.predict(images).float()
+        image_tasks = task_of_label[labels]
+        total.index_add_(0, image_tasks, torch.ones_like(labels))
+        for step, task in enumerate(tasks):
+            # Only images of tasks seen by `step` are scored after it, against the classes seen so far.
+            seen = image_tasks <= step
+            predictions = logits[seen, : task.total_classes].argmax(dim=1)
+            correct[step].index_add_(0, image_tasks[seen], (predictions == labels[seen]).long())
+    ctx.all_reduce_sum(correct)
+    ctx.all_reduce_sum(total)
+    totals = total.tolist()
+    rows = [list(zip(correct[step, : step + 1].tolist(), totals[: step + 1])) for step in range(len(tasks))]
+    return AccuracyMatrix.from_rows(rows)
+
+
+def reference_summary(matrix: AccuracyMatrix) -> dict:
+    """What metrics.json keeps under `no_training_reference`."""
+    return {
+        "method": REFERENCE_METHOD,
+        "final_accuracy": matrix.final_accuracy(),
+        "forgetting": matrix.forgetting(),
+        "accuracy_matrix": matrix.matrix(),
+    }
