@@ -94,7 +94,7 @@ def test_print_config_names_the_layer_of_each_value_and_creates_nothing(cli, dat
 def test_model_alias_sets_the_backbone(cli, data_root):
     result = cli("train", "--model", "test_vit", "--no-pretrained", "--method", "simplecil", "--print-config", "--json")
     assert result.code == 0, result.err
-    assert result.json()["config"]["backbone"]["name"] == "test_vit.r160_in1k"  # the arch.tag it resolves to
+    assert result.json()["config"]["backbone"]["name"] == "test_vit"  # random init: the bare architecture
 
 
 def test_composite_of_offline_datasets_keeps_their_offline_backbone(cli, data_root):

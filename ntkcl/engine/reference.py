@@ -21,8 +21,11 @@ REFERENCE_METHOD = "simplecil"
 
 
 def has_reference(method: ContinualMethod, scoring: ScoringLoader) -> bool:
-    """Class-incremental streams of a method other than the reference itself."""
-    return scoring.stream.scenario == CLASS_INCREMENTAL and method.name != REFERENCE_METHOD
+    """Class-incremental streams of a method other than the reference itself, whose tasks' training images are
+    of their own classes (the reference takes no mixed task data, such as VTAB-SimS's)."""
+    stream = scoring.stream
+    own_classes_only = stream.train_task is None or get_method(REFERENCE_METHOD).mixed_task_data
+    return stream.scenario == CLASS_INCREMENTAL and method.name != REFERENCE_METHOD and own_classes_only
 
 
 @torch.no_grad()
