@@ -66,17 +66,17 @@ class RunSummary:
 
     @classmethod
     def load(cls, path: Path) -> RunSummary:
-        path = rundir.check_run_dir(path)
-        metrics_file = path / rundir.METRICS_FILE
-        if not metrics_file.is_file():
+        from ntkcl.engine.run_reader import read_run_folder
+
+        run = read_run_folder(path)  # validated: a damaged file is one line naming it, never a wrong plot
+        path, metrics, record = run.path, run.metrics, run.record
+        if not run.checkpoints:
             raise BadInputError(f"{path} has no finished task yet (no {rundir.METRICS_FILE})")
-        metrics = rundir.read_json(metrics_file)
-        config = rundir.read_json(path / rundir.CONFIG_FILE)
-        record = rundir.read_json(path / rundir.RUN_FILE)
+        config = run.config.model_dump(mode="json")
         matrix = AccuracyMatrix(
             metrics["correct"], metrics["total"], metrics.get("zero_shot_correct"), metrics.get("zero_shot_total")
         )
-        tasks = rundir.task_records(path, matrix.num_tasks)
+        tasks = run.task_records
         return cls(
             path=path,
             name=path.name,

@@ -171,16 +171,17 @@ def diagnose_run(
         batch_size: images per Jacobian evaluation.
         data_root: where the run's dataset lives (None: the configured root).
     """
-    from ntkcl.config import load_config
     from ntkcl.engine import rundir
     from ntkcl.engine.builders import build_backbone, build_method, build_run_transforms, build_stream
     from ntkcl.engine.distributed import init_distributed
+    from ntkcl.engine.run_reader import read_run_folder
 
-    run_dir = rundir.check_run_dir(Path(run_dir))
+    run = read_run_folder(Path(run_dir))  # validated before anything of it is trusted
+    run_dir = run.path
     target = run_dir / DIAGNOSTICS_FILE
     if target.exists() and rundir.read_json(target).get("kind") != KIND:
         raise BadInputError(f"{target} exists and was not written by ntkcl diagnose; move it away first")
-    checkpoints = rundir.finished_checkpoints(run_dir)
+    checkpoints = run.checkpoints
     if not checkpoints:
         raise BadInputError(f"{run_dir} has no task checkpoint (checkpoints/task-XX); nothing to diagnose")
     if len(checkpoints) < 2:
@@ -192,13 +193,13 @@ def diagnose_run(
         raise BadInputError(
             f"--tasks must name at least two finished tasks among 0..{len(checkpoints) - 1}, got {tasks}"
         )
-    config = load_config(run_dir / rundir.CONFIG_FILE)
+    config = run.config
     if data_root is not None:
         config.stream.data_root = data_root
     ctx = init_distributed(device or config.runtime.device)
     stream, _ = build_stream(config, ctx)
     backbone = build_backbone(config).to(ctx.device)
-    saved = rundir.read_json(run_dir / rundir.RUN_FILE)
+    saved = run.record
     if saved["backbone"]["weights_sha256"] != backbone.weights_sha256:
         raise BadInputError("the backbone weights differ from the ones the run was trained with (sha256 mismatch)")
     _, test_transform = build_run_transforms(config, backbone)
@@ -237,7 +238,7 @@ def diagnose_run(
     method = None
     for index in selected:
         started = time.perf_counter()
-        state, _ = rundir.load_checkpoint(checkpoints[index])
+        state = run.load_state(index)
         method = fresh_method()
         method.load_learned_state(state, stream.tasks()[: index + 1])
         method.to(ctx.device).eval()
