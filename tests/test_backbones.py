@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ntkcl.config import parse_assignments
 from ntkcl.errors import BadInputError
+from ntkcl.export.constants import CONFIG_NAME
 from ntkcl.files import sha256_file
 from ntkcl.models.backbone import (
     FUSED_QKV_ATTENTION,
@@ -161,7 +162,7 @@ def test_a_pretrained_run_records_the_resolved_backbone(cli, data_root, fake_hf_
 
     exported = cli("export", run, "--out", tmp_path / "export")
     assert exported.code == 0, exported.err
-    document = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    document = json.loads((tmp_path / "export" / CONFIG_NAME).read_text())
     assert (document["base_model"], document["base_model_revision"]) == (FAKE_HUB_REPO, FAKE_HUB_COMMIT)
     assert document["backbone_origin"]["weights_file_sha256"] == sha256_file(fake_hf_cache.weights)
     card = ModelCard.load(tmp_path / "export" / "README.md").data

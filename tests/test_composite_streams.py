@@ -15,6 +15,7 @@ from ntkcl.engine import rundir
 from ntkcl.engine.builders import build_stream, complete_config
 from ntkcl.engine.distributed import init_distributed
 from ntkcl.errors import BadInputError
+from ntkcl.export.constants import CONFIG_NAME
 from ntkcl.presets import resolve_config
 from tests._zero_shot_probe import ZeroShotProbe
 from tests.conftest import TINY_BACKBONE_FLAGS
@@ -161,7 +162,7 @@ def test_task_incremental_scores_each_task_among_its_own_classes(cli, data_root,
     assert exported.code == 0, exported.err
     card = (tmp_path / "export" / "README.md").read_text()
     assert "task-incremental, one dataset per task (synthetic, synthetic, synthetic)" in card
-    document = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    document = json.loads((tmp_path / "export" / CONFIG_NAME).read_text())
     assert [m["options"]["classes"] for m in document["stream"]["members"]] == list(SIZES)
 
 

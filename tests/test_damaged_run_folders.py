@@ -248,14 +248,26 @@ def test_damaged_exports_are_refused_on_load(cli, run_of, tmp_path, case):
     assert "\n" not in str(error.value) and fragment in str(error.value), str(error.value)
 
 
-def test_an_export_from_before_markers_is_replaced_and_loaded(cli, run_of, tmp_path):
-    """Format-2 exports (no marker, no checksums.sha256) are recognised by their five files and config."""
+@pytest.mark.parametrize("export_format", [2, 3])
+def test_an_export_from_before_markers_is_replaced_and_loaded(cli, run_of, tmp_path, export_format):
+    """Format-2 exports (no marker, no checksums.sha256) are recognised by their five files and config; formats
+    2 and 3 name two files as PEFT does (adapter_model.safetensors, adapter_config.json) and are still read."""
     import ntkcl
+    from ntkcl.export.checksums import write_checksums
+    from ntkcl.export.constants import LEGACY_NAMES
 
     folder = _export(cli, run_of("simplecil"), tmp_path / "export")
     (folder / FOLDER_MARKER).unlink()
     (folder / CHECKSUMS_NAME).unlink()
-    _edit_config(folder, lambda d: d.update(export_format=2))
+    _edit_config(folder, lambda d: d.update(export_format=export_format))
+    for name, legacy in LEGACY_NAMES.items():
+        (folder / name).rename(folder / legacy)
+    if export_format == 3:
+        write_checksums(folder)
+        assert "adapter_model.safetensors" in (folder / CHECKSUMS_NAME).read_text()
     assert ntkcl.load_pretrained(folder).predict(torch.rand(1, 3, 32, 32)).shape == (1, 10)
-    _export(cli, run_of("simplecil"), folder)
-    assert (folder / CHECKSUMS_NAME).is_file() and (folder / FOLDER_MARKER).is_file()
+    assert cli("eval", folder, "--json").code == 0
+    if export_format == 2:
+        _export(cli, run_of("simplecil"), folder)
+        assert (folder / CHECKSUMS_NAME).is_file() and (folder / FOLDER_MARKER).is_file()
+        assert not any((folder / legacy).exists() for legacy in LEGACY_NAMES.values())

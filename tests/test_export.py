@@ -173,7 +173,7 @@ def test_card_metadata_parses_back_as_hub_metadata(cli, run_of, tmp_path):
     assert hub.datasets == ["uoft-cs/cifar100"]
     assert {result.dataset_type for result in hub.eval_results} == {"uoft-cs/cifar100"}
     summary = json.loads((folder / HUB_CONFIG_NAME).read_text())
-    assert (summary["method"], summary["adapter_config"], summary["weights"]) == ("ntk-cl", CONFIG_NAME, WEIGHTS_NAME)
+    assert (summary["method"], summary["ntkcl_config"], summary["weights"]) == ("ntk-cl", CONFIG_NAME, WEIGHTS_NAME)
 
 
 def test_from_pretrained_and_save_pretrained_round_trip_bit_identical(cli, run_of, tmp_path):

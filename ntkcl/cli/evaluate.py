@@ -65,7 +65,7 @@ def evaluate(
     """
     _common.set_json(json_output)
     from ntkcl.engine import rundir
-    from ntkcl.export.constants import CONFIG_NAME as EXPORT_CONFIG
+    from ntkcl.export.constants import CONFIG_NAME, export_path
 
     local = expand_user(path)
     from ntkcl.engine.groups import is_group
@@ -79,7 +79,7 @@ def evaluate(
         return
     # A run folder stopped before run.json holds config.json alone; an export holds config.json beside its own.
     started_run = (local / rundir.RUN_FILE).is_file()
-    if started_run or ((local / rundir.CONFIG_FILE).is_file() and not (local / EXPORT_CONFIG).is_file()):
+    if started_run or ((local / rundir.CONFIG_FILE).is_file() and not export_path(local, CONFIG_NAME).is_file()):
         if stream is not None or revision is not None or weights is not None:
             raise BadInputError(
                 "--stream, --revision and --weights apply to exports; a run is scored on its own stream"

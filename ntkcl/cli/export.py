@@ -53,7 +53,7 @@ def export(
     ),
     json_output: bool = _common.JSON_OPTION,
 ) -> None:
-    """Export the learned state of a run: adapter_model.safetensors, adapter_config.json, config.json, README.md, metrics.json.
+    """Export the learned state of a run: ntkcl_model.safetensors, ntkcl_config.json, config.json, README.md, metrics.json, checksums.sha256.
 
     A run that has not finished every task is exported as far as its finished tasks go; the output, the config (`"finished": false`, `finished_tasks`, `num_tasks`) and the model card say so. A run with no finished task is an error (exit 2).
 

@@ -3,7 +3,7 @@
 One module per concern, imported in one direction:
 
     constants    file names of an export folder
-    document     adapter_config.json: built from a run directory, read back and checked
+    document     ntkcl_config.json: built from a run directory, read back and checked
     card         the model card (README.md)
     folder       run directory -> export folder
     hub          push a folder to the Hub, download one back

@@ -12,15 +12,20 @@ import re
 from pathlib import Path
 
 from ntkcl.errors import BadInputError
-from ntkcl.export.constants import CHECKED_FILES, CHECKSUMS_FORMAT, CHECKSUMS_NAME
+from ntkcl.export.constants import CHECKED_FILES, CHECKSUMS_FORMAT, CHECKSUMS_NAME, export_path
 from ntkcl.files import atomic_write_text, sha256_file
 
 _LINE = re.compile(r"([0-9a-f]{64}) [ *](\S+)")
 
 
+def _checked_names(folder: Path) -> list[str]:
+    """The checked files' names in `folder` (an export from before format 4 has two of them by older names)."""
+    return [export_path(folder, name).name for name in CHECKED_FILES]
+
+
 def write_checksums(folder: Path) -> None:
     """Record the sha256 of the checked files of the export in `folder`."""
-    lines = [f"{sha256_file(folder / name)}  {name}\n" for name in sorted(CHECKED_FILES)]
+    lines = [f"{sha256_file(folder / name)}  {name}\n" for name in sorted(_checked_names(folder))]
     atomic_write_text(folder / CHECKSUMS_NAME, "".join(lines))
 
 
@@ -37,7 +42,7 @@ def read_checksums(folder: Path) -> dict[str, str]:
         if match is None:
             raise BadInputError(f"{path} line {number} is not `<sha256>  <file>`; the export is damaged")
         recorded[match.group(2)] = match.group(1)
-    missing = sorted(set(CHECKED_FILES) - set(recorded))
+    missing = sorted(set(_checked_names(folder)) - set(recorded))
     if missing:
         raise BadInputError(f"{path} records no sha256 for {', '.join(missing)}; the export is damaged")
     return recorded
@@ -48,14 +53,14 @@ def verify_export(folder: Path, export_format: int) -> None:
 
     Args:
         folder: the export folder.
-        export_format: its adapter_config.json's `export_format`; formats before 3 carry no checksums.
+        export_format: its ntkcl_config.json's `export_format`; formats before 3 carry no checksums.
     """
     if export_format < CHECKSUMS_FORMAT:
         return
     if not (folder / CHECKSUMS_NAME).is_file():
         raise BadInputError(f"{folder} lacks {CHECKSUMS_NAME} (export format {export_format}); the export is damaged")
     for name, digest in read_checksums(folder).items():
-        if name not in CHECKED_FILES:
+        if name not in _checked_names(folder):
             continue
         path = folder / name
         if not path.is_file():

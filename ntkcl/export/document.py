@@ -1,4 +1,4 @@
-"""The export's description of itself: `adapter_config.json`, built from a run directory and read back.
+"""The export's description of itself: `ntkcl_config.json`, built from a run directory and read back.
 
 The document names the method and its hyper-parameters, the base backbone (timm name and weights sha256),
 the stream protocol with class order and names, the metrics and how the run was trained: everything needed
@@ -20,7 +20,7 @@ import ntkcl
 from ntkcl.config import RunConfig, describe_validation_error, validate
 from ntkcl.engine.run_reader import RunFolder
 from ntkcl.errors import BadInputError
-from ntkcl.export.constants import CONFIG_NAME, EXPORT_FORMAT, LIBRARY_NAME, WEIGHTS_NAME
+from ntkcl.export.constants import CONFIG_NAME, EXPORT_FORMAT, LIBRARY_NAME, WEIGHTS_NAME, export_path
 from ntkcl.methods.base import TaskInfo
 
 
@@ -85,7 +85,7 @@ def recorded_command(record: dict, config: RunConfig) -> str:
 
 
 def build_export_config(run: RunFolder) -> dict:
-    """The adapter_config.json document of a validated run folder (its last finished checkpoint's state)."""
+    """The ntkcl_config.json document of a validated run folder (its last finished checkpoint's state)."""
     if not run.checkpoints:
         raise BadInputError(f"{run.path} has no finished task yet; nothing to export")
     config, record, metrics, finished_tasks, run_dir = run.config, run.record, run.metrics, run.finished_tasks, run.path
@@ -166,13 +166,13 @@ def hub_config(document: dict) -> dict:
         "base_model": document.get("base_model"),
         "protocol": document.get("protocol"),
         "num_classes": sum(document["task_sizes"][: document["finished_tasks"]]),
-        "adapter_config": CONFIG_NAME,
+        "ntkcl_config": CONFIG_NAME,
         "weights": WEIGHTS_NAME,
     }
 
 
 class ExportDocument(BaseModel):
-    """What reading an export back relies on in adapter_config.json (other keys are descriptive)."""
+    """What reading an export back relies on in ntkcl_config.json (other keys are descriptive)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -198,8 +198,9 @@ class ExportDocument(BaseModel):
 
 
 def read_export_config(folder: Path) -> dict:
-    """adapter_config.json of an ntkcl export, checked for the library, format and version."""
-    path = folder / CONFIG_NAME
+    """ntkcl_config.json of an ntkcl export (adapter_config.json before format 4), checked for the library,
+    format and version."""
+    path = export_path(folder, CONFIG_NAME)
     if not path.is_file():
         raise BadInputError(f"{folder} is not an ntkcl export (no {CONFIG_NAME})")
     try:

@@ -1,7 +1,7 @@
 """Run directory -> export folder: the learned state, its description, the card and the metrics.
 
-    adapter_model.safetensors   the learned state of the last finished task (never the frozen backbone)
-    adapter_config.json         method + hyper-parameters, backbone (resolved name, Hub id and revision or
+    ntkcl_model.safetensors     the learned state of the last finished task (never the frozen backbone)
+    ntkcl_config.json           method + hyper-parameters, backbone (resolved name, Hub id and revision or
                                 file, weights sha256), stream protocol, class order and names, metrics,
                                 ntkcl version
     config.json                 a short summary pointing to the two files above (the Hub counts downloads
@@ -37,6 +37,7 @@ from ntkcl.export.constants import (
     EXPORT_FORMAT,
     EXPORT_KIND,
     HUB_CONFIG_NAME,
+    LEGACY_NAMES,
     METRICS_NAME,
     WEIGHTS_NAME,
 )
@@ -57,7 +58,7 @@ class ExportResult:
 
 def is_legacy_export(folder: Path) -> bool:
     """An export written before folder markers: the five files of format 2, its adapter_config.json readable."""
-    legacy_files = (WEIGHTS_NAME, CONFIG_NAME, HUB_CONFIG_NAME, CARD_NAME, METRICS_NAME)
+    legacy_files = (LEGACY_NAMES[WEIGHTS_NAME], LEGACY_NAMES[CONFIG_NAME], HUB_CONFIG_NAME, CARD_NAME, METRICS_NAME)
     if not all((folder / name).is_file() and not (folder / name).is_symlink() for name in legacy_files):
         return False
     try:

@@ -16,7 +16,7 @@ import ntkcl
 from ntkcl.errors import BadInputError, RunFailedError
 from ntkcl.export.card import card_is_generated
 from ntkcl.export.checksums import verify_export
-from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, LIBRARY_NAME
+from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, EXPORT_FILES, LEGACY_NAMES, LIBRARY_NAME, export_path
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -145,7 +145,7 @@ def push_export(
 
     Args:
         folder: the export folder.
-        document: its adapter_config.json (for the default commit message).
+        document: its ntkcl_config.json (for the default commit message).
         repo_id: the target repo, created when missing.
         private: visibility of a repo created now (None: the Hub's default for the namespace); an existing
             repo keeps its visibility.
@@ -218,7 +218,7 @@ def download_export(
             repo_id,
             revision=revision,
             token=token,
-            allow_patterns=list(EXPORT_FILES),
+            allow_patterns=[*EXPORT_FILES, *LEGACY_NAMES.values()],  # exports before format 4 too
             cache_dir=cache_dir,
             force_download=force_download,
             library_name=LIBRARY_NAME,
@@ -238,6 +238,6 @@ def download_export(
             raise BadInputError(f"cannot load {repo_id}: {_first_line(error, token)}") from error
         raise RunFailedError(f"cannot download {repo_id}: {_first_line(error, token)}") from error
     folder = Path(folder)
-    if not (folder / CONFIG_NAME).is_file():
+    if not export_path(folder, CONFIG_NAME).is_file():
         raise BadInputError(f"Hub repo {repo_id} holds no {CONFIG_NAME}; it is not an ntkcl export")
     return folder

@@ -23,7 +23,7 @@ from ntkcl.engine.launch import check_device
 from ntkcl.errors import BadInputError
 from ntkcl.export.card import render_card
 from ntkcl.export.checksums import verify_export
-from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, LIBRARY_NAME, METRICS_NAME, WEIGHTS_NAME
+from ntkcl.export.constants import CARD_NAME, CONFIG_NAME, LIBRARY_NAME, METRICS_NAME, WEIGHTS_NAME, export_path
 from ntkcl.export.document import read_export_config, run_config_of, task_infos
 from ntkcl.export.folder import write_export_files
 from ntkcl.export.hub import download_export, push_export
@@ -47,7 +47,7 @@ class ContinualModel(
     Args:
         continual_method: the method with its learned state loaded.
         class_names: the classes it knows, in stream order (the logits' columns).
-        export_config: the export's `adapter_config.json` document.
+        export_config: the export's `ntkcl_config.json` document.
         metrics: the run's `metrics.json`.
         card: the model card `save_pretrained` writes (rendered from the export when empty).
         source: where the model was loaded from.
@@ -218,7 +218,8 @@ def load_folder(
     document = read_export_config(folder)
     if method is not None and document["method"] != method:
         raise BadInputError(f"{folder} holds a {document['method']} export, not {method}")
-    if not (folder / WEIGHTS_NAME).is_file():
+    weights_file = export_path(folder, WEIGHTS_NAME)
+    if not weights_file.is_file():
         raise BadInputError(f"{folder} is not an ntkcl export (no {WEIGHTS_NAME})")
     verify_export(folder, document.get("export_format", 0))
     config = run_config_of(document, weights)
@@ -233,13 +234,13 @@ def load_folder(
     tasks = task_infos(document["task_sizes"], document.get("tasks"))
     finished = tasks[: document.get("finished_tasks", len(tasks))]
     try:
-        state = load_file(folder / WEIGHTS_NAME)
+        state = load_file(weights_file)
         model.load_learned_state(state, finished)
     except BadInputError as error:
-        raise BadInputError(f"{folder / WEIGHTS_NAME}: {error}") from error
+        raise BadInputError(f"{weights_file}: {error}") from error
     except (SafetensorError, ValueError, RuntimeError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadInputError(f"{folder / WEIGHTS_NAME} does not fit method {document['method']}: {reason}") from error
+        raise BadInputError(f"{weights_file} does not fit method {document['method']}: {reason}") from error
     model.to(resolve_device(device))
     seen = finished[-1].total_classes if finished else 0
     metrics = rundir.read_json(folder / METRICS_NAME) if (folder / METRICS_NAME).is_file() else {}
@@ -261,7 +262,7 @@ def locate_export(path_or_repo_id: str | Path, **download_options) -> Path:
     text = str(path_or_repo_id)
     path = expand_user(text)
     if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
+        if not export_path(path, CONFIG_NAME).is_file():
             raise BadInputError(f"{path} is not an ntkcl run directory or export (no run.json / {CONFIG_NAME})")
         return path
     if path.is_absolute() or text.startswith((".", "~")) or len(path.parts) != 2 or Path(path.parts[0]).is_dir():
