@@ -154,6 +154,21 @@ def run_of(session_dirs, monkeypatch):
     return lambda method: trained_run(method, base, data)
 
 
+class FakeData:
+    """TaskData over fixed tensors in one process, in batches of `batch_size`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 4):
+        self.device = images.device
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def batches(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
 class ListData:
     """TaskData over fixed batches (single process)."""
 

@@ -13,24 +13,9 @@ from ntkcl.methods.base import TaskInfo
 from ntkcl.methods.inflora import InfLoRA, InfLoRAParams
 from ntkcl.models.backbone import create_backbone
 from ntkcl.models.subspace import dual_gpm_update, gram
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_BACKBONE, FakeData
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class FakeData:
-    """TaskData over fixed tensors in one process."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 4):
-        self.device = images.device
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-
-    def batches(self):
-        for start in range(0, len(self.labels), self.batch_size):
-            yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
 
 
 def task_data(task: TaskInfo, count: int = 8, seed: int = 0) -> FakeData:

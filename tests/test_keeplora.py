@@ -19,7 +19,7 @@ from ntkcl.methods.keeplora import (
 from ntkcl.models.backbone import create_backbone
 from ntkcl.models.heads import clip_logits
 from ntkcl.models.subspace import project_off, weight_basis
-from tests.conftest import TINY_CLIP
+from tests.conftest import TINY_CLIP, FakeData
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,21 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_task(index: int, known: int, size: int) -> TaskInfo:
     names = tuple(f"thing {known + k}" for k in range(size))
     return TaskInfo(index, 2, known, size, class_names=names, templates=("a photo of a {}.", "a {}."))
-
-
-class FakeData:
-    """TaskData over fixed tensors in one process."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 4):
-        self.device = images.device
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-
-    def batches(self):
-        for start in range(0, len(self.labels), self.batch_size):
-            yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
 
 
 @pytest.fixture(scope="module")
