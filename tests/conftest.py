@@ -247,6 +247,29 @@ def only_run(out) -> Path:
     return runs[0]
 
 
+def metrics_of(run: Path) -> dict:
+    """A run folder's metrics.json."""
+    from ntkcl.engine import rundir
+
+    return rundir.read_json(run / rundir.METRICS_FILE)
+
+
+def two_process_run(cli, run_of, method: str, out: Path):
+    """`method`'s shared digits run again under `--nproc 2` (gloo): (one-process run, the two-process result,
+    the last checkpoint's state of each)."""
+    from ntkcl.engine import rundir
+
+    one = run_of(method)
+    arguments = [*tiny_digits_run(**SHARED_RUN_PROTOCOL), "--method", method, "--nproc", "2", "--device", "cpu"]
+    result = cli(*arguments, "--out", out)
+    assert result.code == 0, result.err
+    (two,) = out.iterdir()
+    state_one, _ = rundir.load_checkpoint(rundir.finished_checkpoints(one)[-1])
+    state_two, _ = rundir.load_checkpoint(rundir.finished_checkpoints(two)[-1])
+    assert set(state_one) == set(state_two)
+    return one, result, state_one, state_two
+
+
 def train_once(root: Path, runs: dict[str, list]) -> dict[str, tuple[Path, dict]]:
     """`ntkcl train ARGS` for each name under `root` (its own data root); name -> (run folder, metrics).
 

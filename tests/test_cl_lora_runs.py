@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from ntkcl.engine import rundir
 from ntkcl.methods.cl_lora import CLLoRA, CLLoRAParams
 from ntkcl.presets import resolve_config
+from tests.conftest import metrics_of
 
 # The digits preset's small ViT (depth 4: shared blocks 0-1, specific 2-3) on three tasks (4, 3, 3 digits), so
 # two of them take the distillation step; one epoch; the global batch divides over 2 ranks.
@@ -73,10 +74,6 @@ def reference(tmp_path_factory):
         patch.setenv("NTKCL_DATA_ROOT", str(data))
         main([str(argument) for argument in [*RUN, "--out", out]])
     return only_run(out), data
-
-
-def metrics_of(run):
-    return json.loads((run / rundir.METRICS_FILE).read_text())
 
 
 def test_cl_lora_forgets_less_than_finetune_on_digits(cli, reference, tmp_path, monkeypatch):

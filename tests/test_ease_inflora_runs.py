@@ -3,7 +3,6 @@ from inside a task, `ntkcl eval`, and two processes against one."""
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
@@ -14,7 +13,7 @@ from ntkcl.engine import rundir
 from ntkcl.methods.ease import EASE, EASEParams
 from ntkcl.methods.inflora import InfLoRA, InfLoRAParams
 from ntkcl.presets import resolve_config
-from tests.conftest import tiny_digits_run
+from tests.conftest import metrics_of, tiny_digits_run
 
 # Two tasks of five digits on the tiny ViT, one epoch; the global batch divides over 2 ranks.
 RUN = [*tiny_digits_run(init_classes=5, increment=5, batch_size=32)]
@@ -61,10 +60,6 @@ def test_inflora_presets_follow_the_official_configuration_files(stream, epochs,
 def only_run(out):
     (run,) = [path for path in out.iterdir() if path.is_dir()]
     return run
-
-
-def metrics_of(run) -> dict:
-    return json.loads((run / rundir.METRICS_FILE).read_text())
 
 
 def states(run) -> list[dict[str, torch.Tensor]]:

@@ -5,15 +5,13 @@ The runs are the session's shared ones (`run_of`: two tasks of five digits, one 
 export tests (round trip through export, `ntkcl eval` and `load_pretrained`) use too.
 """
 
-import json
-
 import pytest
 import torch
 
 from ntkcl.engine import rundir
 from ntkcl.methods.registry import get_method
 from ntkcl.presets import resolve_config
-from tests.conftest import SHARED_RUN_PROTOCOL, tiny_digits_run
+from tests.conftest import SHARED_RUN_PROTOCOL, metrics_of, tiny_digits_run, two_process_run
 
 METHODS = ("l2p", "dualprompt", "coda-prompt", "ovor")
 
@@ -46,10 +44,6 @@ NTK_CL_STREAMS = (
     "vtab",
     "kvasir",
 )
-
-
-def metrics_of(run) -> dict:
-    return json.loads((run / rundir.METRICS_FILE).read_text())
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -122,14 +116,7 @@ def test_resume_after_a_crash_ends_with_the_metrics_of_the_uninterrupted_run(
 def test_two_processes_match_one_process(cli, run_of, tmp_path):
     """OVOR under DDP (the training path all four methods share, plus its end-of-task head epochs on the
     features gathered from both processes): the learned state and the matrix of one process."""
-    one = run_of("ovor")
-    arguments = [*tiny_digits_run(**SHARED_RUN_PROTOCOL), "--method", "ovor", "--nproc", "2"]
-    result = cli(*arguments, "--device", "cpu", "--out", tmp_path / "two")
-    assert result.code == 0, result.err
-    (two,) = (tmp_path / "two").iterdir()
-    state_one, _ = rundir.load_checkpoint(rundir.finished_checkpoints(one)[-1])
-    state_two, _ = rundir.load_checkpoint(rundir.finished_checkpoints(two)[-1])
-    assert set(state_one) == set(state_two)
+    one, result, state_one, state_two = two_process_run(cli, run_of, "ovor", tmp_path / "two")
     for key, value in state_one.items():
         # Half batches per process change float32 gradient sums in the last bits; Adam divides by the
         # gradients' own scale, so near-zero gradient entries carry that into the parameters (6.5e-5 measured).

@@ -15,14 +15,10 @@ import ntkcl
 from ntkcl.engine import rundir
 from ntkcl.export import WEIGHTS_NAME
 from ntkcl.methods.proteus import Proteus
-from tests.conftest import SHARED_RUN_PROTOCOL, TINY_BACKBONE_FLAGS, tiny_digits_run
+from tests.conftest import SHARED_RUN_PROTOCOL, TINY_BACKBONE_FLAGS, metrics_of, tiny_digits_run, two_process_run
 from tests.test_composite_streams import ENTRY_POINTS, STREAM_SOURCE, composite_run, make_distribution
 
 SIGNATURE_KEYS = ("weights", "means", "covariances")
-
-
-def metrics_of(run) -> dict:
-    return json.loads((run / rundir.METRICS_FILE).read_text())
 
 
 def test_proteus_and_ranpac_forget_less_than_finetune(run_of):
@@ -171,14 +167,7 @@ def test_mixed_training_sets_enter_signature_and_head(cli, data_root, tmp_path, 
 
 def test_two_processes_learn_the_signatures_and_head_of_one(cli, run_of, tmp_path):
     """DDP: features gathered in task order for the DP-GMM and δ, ridge sums reduced, retrieval counted once."""
-    one = run_of("proteus")
-    arguments = [*tiny_digits_run(**SHARED_RUN_PROTOCOL), "--method", "proteus", "--nproc", "2"]
-    result = cli(*arguments, "--device", "cpu", "--out", tmp_path / "two")
-    assert result.code == 0, result.err
-    (two,) = (tmp_path / "two").iterdir()
-    state_one, _ = rundir.load_checkpoint(rundir.finished_checkpoints(one)[-1])
-    state_two, _ = rundir.load_checkpoint(rundir.finished_checkpoints(two)[-1])
-    assert set(state_one) == set(state_two)
+    one, result, state_one, state_two = two_process_run(cli, run_of, "proteus", tmp_path / "two")
     for key, value in state_one.items():
         if key == "separation":
             # δ inverts each component's raw covariance, as theories.py; here a component holds about 36
