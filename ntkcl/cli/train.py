@@ -279,7 +279,7 @@ def train(
             layers = config_layers(config_file, overrides, unset, assignments)
             config = complete_config(merge_layers(layers))
         if print_config:
-            _print_config(value_sources(layers, config))
+            _print_config(config, value_sources(layers, config))
             return
         if seeds is not None:
             from ntkcl.cli._seed_groups import check_group_name, default_group_name, train_seed_group
@@ -314,19 +314,13 @@ def train(
     _common.stdout.print(f"run directory: {result.run_dir}", highlight=False)
 
 
-def _print_config(sources: dict[str, tuple[object, str]]) -> None:
+def _print_config(config, sources: dict[str, tuple[object, str]]) -> None:
     """`--print-config`: one `key = value  (source)` line per value, or {"config": ..., "sources": ...} as JSON."""
     import json
 
     if _common.STATE["json"]:
-        config: dict = {}
-        for key, (value, _) in sources.items():
-            *sections, leaf = key.split(".")
-            cursor = config
-            for section in sections:
-                cursor = cursor.setdefault(section, {})
-            cursor[leaf] = value
-        _common.emit({"config": config, "sources": {key: source for key, (_, source) in sources.items()}})
+        sources_only = {key: source for key, (_, source) in sources.items()}
+        _common.emit({"config": config.model_dump(mode="json"), "sources": sources_only})
         return
     width = max(len(key) for key in sources)
     for key, (value, source) in sources.items():
