@@ -39,14 +39,27 @@ TINY_CLIP_FLAGS = [
 ]
 
 
-def tiny_digits_run(*, init_classes: int, increment: int, epochs: int = 1, batch_size: int | None = None) -> list:
-    """`ntkcl train` arguments for a quiet digits run on the tiny ViT, in this process, with JSON output."""
+# The backbone shipped in the package, pre-trained on generated fractals: what tests of learning ("forgets less
+# than finetune") run on, since every method they compare assumes pre-trained features.
+SHIPPED_BACKBONE_FLAGS = ["--backbone", "ntkcl-tiny-fdsl"]
+
+
+def tiny_digits_run(
+    *,
+    init_classes: int,
+    increment: int,
+    epochs: int = 1,
+    batch_size: int | None = None,
+    backbone: list[str] = TINY_BACKBONE_FLAGS,
+) -> list:
+    """`ntkcl train` arguments for a quiet digits run on the tiny ViT (or `backbone`'s flags), in this process,
+    with JSON output."""
     batch = ["--batch-size", str(batch_size)] if batch_size else []
     return [
         "train",
         "--stream",
         "digits",
-        *TINY_BACKBONE_FLAGS,
+        *backbone,
         "--init-classes",
         str(init_classes),
         "--increment",
@@ -109,23 +122,25 @@ def fake_hf_cache(tmp_path, monkeypatch):
 
 # The protocol of the runs `run_of` trains once per session and the tests that compare against them.
 SHARED_RUN_PROTOCOL = {"init_classes": 5, "increment": 5, "batch_size": 64}
-_SHARED_RUNS: dict[str, object] = {}
+_SHARED_RUNS: dict[tuple[str, bool], object] = {}
 
 
-def trained_run(method, base, data_root):
-    """A finished two-task digits run of `method` on the tiny ViT (the tiny CLIP for CLIP methods), trained
-    once per test session."""
-    if method not in _SHARED_RUNS:
+def trained_run(method, base, data_root, shipped: bool = False):
+    """A finished two-task digits run of `method` on the tiny ViT (the tiny CLIP for CLIP methods; the shipped
+    pre-trained backbone with `shipped`), trained once per test session."""
+    key = (method, shipped)
+    if key not in _SHARED_RUNS:
         from ntkcl.cli import main
         from ntkcl.methods.registry import get_method
         from ntkcl.models.backbone import CLIP_TOWERS
 
-        out = base / method
+        out = base / (f"{method}-shipped" if shipped else method)
         clip = CLIP_TOWERS in get_method(method).required_backbone_features
-        argv = [*tiny_digits_run(**SHARED_RUN_PROTOCOL), "--method", method, "--out", str(out)]
+        backbone = SHIPPED_BACKBONE_FLAGS if shipped else TINY_BACKBONE_FLAGS
+        argv = [*tiny_digits_run(**SHARED_RUN_PROTOCOL, backbone=backbone), "--method", method, "--out", str(out)]
         if clip:
-            start = argv.index(TINY_BACKBONE_FLAGS[0])
-            argv[start : start + len(TINY_BACKBONE_FLAGS)] = TINY_CLIP_FLAGS
+            start = argv.index(backbone[0])
+            argv[start : start + len(backbone)] = TINY_CLIP_FLAGS
         threads = torch.get_num_threads()
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("NTKCL_DATA_ROOT", str(data_root))
@@ -137,8 +152,8 @@ def trained_run(method, base, data_root):
             finally:
                 torch.set_num_threads(threads)
         (run,) = [p for p in out.iterdir() if p.is_dir()]
-        _SHARED_RUNS[method] = run
-    return _SHARED_RUNS[method]
+        _SHARED_RUNS[key] = run
+    return _SHARED_RUNS[key]
 
 
 @pytest.fixture(scope="session")
@@ -148,10 +163,10 @@ def session_dirs(tmp_path_factory):
 
 @pytest.fixture
 def run_of(session_dirs, monkeypatch):
-    """`run_of(method)`: the session's shared digits run of that method (see `trained_run`)."""
+    """`run_of(method, shipped=False)`: the session's shared digits run of that method (see `trained_run`)."""
     base, data = session_dirs
     monkeypatch.setenv("NTKCL_DATA_ROOT", str(data))
-    return lambda method: trained_run(method, base, data)
+    return lambda method, shipped=False: trained_run(method, base, data, shipped)
 
 
 class FakeData:

@@ -13,10 +13,10 @@ from ntkcl.engine import rundir
 from ntkcl.methods.ease import EASE, EASEParams
 from ntkcl.methods.inflora import InfLoRA, InfLoRAParams
 from ntkcl.presets import resolve_config
-from tests.conftest import metrics_of, tiny_digits_run
+from tests.conftest import SHIPPED_BACKBONE_FLAGS, metrics_of, tiny_digits_run
 
 # Two tasks of five digits on the tiny ViT, one epoch; the global batch divides over 2 ranks.
-RUN = [*tiny_digits_run(init_classes=5, increment=5, batch_size=32)]
+RUN = [*tiny_digits_run(init_classes=5, increment=5, batch_size=32, backbone=SHIPPED_BACKBONE_FLAGS)]
 METHODS = {"ease": EASE, "inflora": InfLoRA}
 
 

@@ -280,7 +280,7 @@ def test_channel_variant_trains_on_its_own_feature():
 
 
 def test_ntk_cl_forgets_less_than_finetune_on_digits(cli, data_root, tmp_path):
-    from tests.conftest import TINY_BACKBONE_FLAGS
+    from tests.conftest import SHIPPED_BACKBONE_FLAGS
 
     forgetting = {}
     for method in ("finetune", "ntk-cl"):
@@ -290,7 +290,7 @@ def test_ntk_cl_forgets_less_than_finetune_on_digits(cli, data_root, tmp_path):
             "digits",
             "--method",
             method,
-            *TINY_BACKBONE_FLAGS,
+            *SHIPPED_BACKBONE_FLAGS,
             "--init-classes",
             "4",
             "--increment",
