@@ -11,6 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ntkcl.engine import loop
+from ntkcl.engine.metrics import AccuracyMatrix
+from ntkcl.engine.reference import (
+    REFERENCE_CACHE_FOLDER,
+    read_cached_reference,
+    reference_cache_file,
+    write_cached_reference,
+)
 from ntkcl.errors import BadInputError
 from ntkcl.files import sha256_file
 from ntkcl.models import shipped
@@ -18,6 +26,7 @@ from ntkcl.models.backbone import create_backbone
 from ntkcl.models.shipped import NTKCL_TINY_FDSL
 from ntkcl.pretraining import pretrain
 from ntkcl.pretraining.fractals import FractalSettings, generate, sample_categories
+from tests.conftest import metrics_of, only_run
 
 TINY_DATA = FractalSettings(seed=3, num_categories=4, instances_per_category=3, image_size=32)
 
@@ -109,9 +118,12 @@ def test_a_random_backbone_is_recorded_as_the_bare_architecture():
     assert backbone.vit.patch_embed.patch_size == (8, 8) and len(backbone.blocks) == 4  # the shipped architecture
 
 
-def test_random_init_runs_say_so_and_report_simplecil_as_the_no_training_reference(cli, data_root, tmp_path):
+def test_random_init_runs_say_so_and_report_simplecil_as_the_no_training_reference(
+    cli, data_root, tmp_path, monkeypatch
+):
     """Two runs of two tasks on the random initialisation of the shipped architecture: SimpleCIL, then
-    finetune, whose no-training reference must be exactly that SimpleCIL run."""
+    finetune, whose no-training reference must be exactly that SimpleCIL run; a second finetune run reads it from
+    the cache."""
     common = ["--stream", "digits", "--backbone", "ntkcl-tiny-fdsl", "--no-pretrained", "--init-classes", "5"]
     common += ["--increment", "5"]
     common += ["--num-workers", "0", "-q"]
@@ -145,3 +157,25 @@ def test_random_init_runs_say_so_and_report_simplecil_as_the_no_training_referen
     )
     lines = finetune.out.splitlines()
     assert line in lines and lines.index(line) == len(lines) - 2  # after the summary, before the run folder
+
+    # A later run of the same backbone and stream takes the reference from the data root's cache.
+    (cached,) = (data_root / REFERENCE_CACHE_FOLDER).iterdir()
+    recomputed = []
+    monkeypatch.setattr(loop, "reference_matrix", lambda *args: recomputed.append(args))
+    again = cli("train", *common[:-1], "--method", "finetune", "--epochs", "1", "--out", tmp_path / "again")
+    assert again.code == 0, again.err
+    assert not recomputed and "no-training reference (simplecil): A_T" in again.err and "(cached)" in again.err
+    assert metrics_of(only_run(tmp_path / "again"))["no_training_reference"] == reference
+
+
+def test_the_cached_reference_is_read_only_for_its_exact_identity(tmp_path):
+    identity = {"backbone": {"weights_sha256": "ab"}, "class_order": [1, 0]}
+    matrix = AccuracyMatrix.from_rows([[(3, 4)], [(2, 4), (1, 5)]])
+    path = reference_cache_file(tmp_path, identity)
+    write_cached_reference(path, identity, matrix)
+    assert read_cached_reference(path, identity) == matrix
+    other = {**identity, "class_order": [0, 1]}
+    assert reference_cache_file(tmp_path, other) != path and read_cached_reference(path, other) is None
+    path.write_text(path.read_text()[:-10])  # a torn or hand-edited file is recomputed, not trusted
+    assert read_cached_reference(path, identity) is None
+    assert read_cached_reference(tmp_path / "absent.json", identity) is None

@@ -38,7 +38,15 @@ from ntkcl.engine.metrics import AccuracyMatrix
 from ntkcl.engine.phases import PhaseClock
 from ntkcl.engine.preflight import RunParts, prepare_run
 from ntkcl.engine.progress import Reporter
-from ntkcl.engine.reference import has_reference, reference_matrix, reference_summary
+from ntkcl.engine.reference import (
+    has_reference,
+    read_cached_reference,
+    reference_cache_file,
+    reference_identity,
+    reference_matrix,
+    reference_summary,
+    write_cached_reference,
+)
 from ntkcl.engine.run_reader import read_run_folder
 from ntkcl.engine.seeding import derived_seed, seed_everything
 from ntkcl.engine.tracking import Tracking
@@ -209,12 +217,23 @@ class Trainer:
         return rundir.write_task_metrics(self.run_dir, records, self.zero_shot, finished, extra)
 
     def _no_training_reference(self) -> dict:
-        """SimpleCIL's A_T and forgetting on this run's backbone and stream (`ntkcl.engine.reference`)."""
-        started = time.perf_counter()
-        summary = reference_summary(reference_matrix(self.backbone, self.scoring))
+        """SimpleCIL's A_T and forgetting on this run's backbone and stream (`ntkcl.engine.reference`), from the
+        data root's cache when an earlier run computed it for the same identity."""
+        ctx, started = self.ctx, time.perf_counter()
+        identity = reference_identity(self.config, self.record)
+        cache = reference_cache_file(data_root(self.config), identity)
+        # Rank 0 decides, so every process takes the same path (computing it is collective).
+        cached = ctx.broadcast_object(read_cached_reference(cache, identity) if ctx.is_main else None)
+        matrix = reference_matrix(self.backbone, self.scoring) if cached is None else cached
+        if ctx.is_main and cached is None:
+            try:
+                write_cached_reference(cache, identity, matrix)
+            except OSError as error:  # a read-only data root costs the cache, not the run
+                self.reporter.message(f"no-training reference not cached ({error.strerror}: {cache.parent})")
+        summary = reference_summary(matrix)
+        how = "cached" if cached is not None else f"{time.perf_counter() - started:.1f}s"
         self.reporter.message(
-            f"no-training reference ({summary['method']}): A_T {summary['final_accuracy']:.2f} "
-            f"({time.perf_counter() - started:.1f}s)"
+            f"no-training reference ({summary['method']}): A_T {summary['final_accuracy']:.2f} ({how})"
         )
         return summary
 
