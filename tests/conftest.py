@@ -177,8 +177,13 @@ class FakeData:
         self.images, self.labels, self.batch_size = images, labels, batch_size
 
     def batches(self):
+        for images, labels, _ in self.indexed_batches():
+            yield images, labels
+
+    def indexed_batches(self):
         for start in range(0, len(self.labels), self.batch_size):
-            yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            stop = min(start + self.batch_size, len(self.labels))
+            yield self.images[start:stop], self.labels[start:stop], torch.arange(start, stop)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

@@ -2,9 +2,13 @@
 names, with an eager fallback.
 
 A method lists in `compile_targets` the bound methods that hold its heavy work and do not depend on the
-task (NTK-CL: `features`, the frozen and current backbone passes plus the fusion). Per-task Python state
-(class counts, a new proxy head, growing prototype tables) stays outside, so one compilation serves every
-task instead of one per task. The engine replaces each target on the instance by `StaticShapeCompiled`:
+task (NTK-CL: `features`, the frozen and current backbone passes plus the fusion; finetune, SimpleCIL and
+RanPAC: `features`; CL-LoRA: `task_feature`, `early_exit_feature`; the prompt methods: `query_and_prefix`;
+the CLIP methods, KeepLoRA and KeepLoRA+ among them: `image_features`; PROTEUS: `task_pass`). Per-task
+Python state (class counts, a new proxy head, growing prototype tables, which dataset's text features)
+stays outside, so one compilation serves every task instead of one per task. Where a pass's shapes grow with
+the tasks (PROTEUS's pool of units), the method reads `compiled_targets` and takes a form of the pass whose
+shapes are the same for every task. The engine replaces each target on the instance by `StaticShapeCompiled`:
 
 * only batches of the run's full sizes (the per-process training batch, the evaluation batch) run
   compiled, with `dynamic=False`; a task's last, smaller batch runs eagerly, so every compiled graph has
@@ -97,10 +101,12 @@ class StaticShapeCompiled:
 
 
 def compile_method(method: nn.Module, plan: CompilePlan, on_failure: Callable[[str], None]) -> list[str]:
-    """Replace the method's `compile_targets` on the instance by compiled wrappers; returns their names."""
+    """Replace the method's `compile_targets` on the instance by compiled wrappers, list them in the
+    method's `compiled_targets`, and return their names."""
     if not plan.enabled:
         return []
     names = list(getattr(method, "compile_targets", ()))
     for name in names:
         setattr(method, name, StaticShapeCompiled(getattr(method, name), plan, on_failure))
+    method.compiled_targets = tuple(names)
     return names

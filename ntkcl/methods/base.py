@@ -249,7 +249,9 @@ class ContinualMethod(nn.Module, ABC):
         citation: the method's BibTeX entry, printed in model cards.
         required_backbone_features: what the method hooks into (`ntkcl.models.backbone.BACKBONE_FEATURES`).
         compile_targets: names of bound methods that hold the heavy, task-independent work (backbone passes);
-            the engine may replace them on the instance by compiled versions (`ntkcl.engine.compile`).
+            the engine may replace them on the instance by compiled versions (`ntkcl.engine.compile`), and
+            then lists them in the instance's `compiled_targets` (a method whose shapes grow with the tasks
+            can then take a form of its passes with static shapes).
         training_only: prefixes of learned-state keys needed to continue training but not to predict (e.g. a
             ridge head's Gram matrix). Checkpoints keep them apart, exports leave them out, and loading a state
             without them gives a model that predicts exactly but cannot continue training.
@@ -274,6 +276,7 @@ class ContinualMethod(nn.Module, ABC):
         self.seen_classes = 0
         self.stream_tasks: tuple[TaskInfo, ...] = ()
         self.train_batch_size: int | None = None
+        self.compiled_targets: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:

@@ -40,6 +40,11 @@ already trained.
 
 Saved per run: the merged deltas of the adapted weights and the protected bases (and KeepLoRA+'s classifiers);
 a model is rebuilt as the pre-trained CLIP plus these deltas.
+
+Compilation: the image tower's pass of the training step, of prediction and of KeepLoRA+'s class means is
+the compile target (`ZeroShot.image_features`); a task's LoRAs reach it as parameters of the same graph. The
+once-per-task passes that record more than features (the gradient estimate w.r.t. the weights, the hooked
+feature pass) run eagerly.
 """
 
 from __future__ import annotations
@@ -332,7 +337,7 @@ class KeepLoRAPlus(KeepLoRA):
     def prepare_task(self, task: TaskInfo, data: TaskData) -> None:
         super().prepare_task(task, data)
         with torch.no_grad():
-            means = normalized_class_means(data, self.backbone, task.known_classes, task.num_new_classes)
+            means = normalized_class_means(data, self.image_features, task.known_classes, task.num_new_classes)
             self.classifiers[str(task.index)].weight.copy_(means)
 
     def task_logits(self, features: torch.Tensor, task: TaskInfo) -> torch.Tensor:
@@ -344,14 +349,14 @@ class KeepLoRAPlus(KeepLoRA):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images)
+        features = self.image_features(images)
         logits = self.zero_shot_logits(features, range(self.seen_classes))
         return logits + self.classifier_logits(features) if len(self.classifiers) else logits
 
     @torch.no_grad()
     def predict_task(self, images: torch.Tensor, task: TaskInfo) -> torch.Tensor:
         self.register_classes(task)
-        features = self.backbone(images)
+        features = self.image_features(images)
         logits = self.zero_shot_logits(features, task.classes)
         if task.total_classes <= self.seen_classes and str(task.index) in self.classifiers:
             logits = logits + self.classifiers[str(task.index)](features).float()

@@ -64,6 +64,18 @@ option where one is reasonable (defaults first):
    (`separation_by_task`, `separation_factor` their minimum, `separation_so_far` over every task so far).
    [`separation_diagnostic` skips the extra embedding passes.] Retrieval accuracy on the test images is
    reported by the engine.
+
+Compilation (`runtime.compile`). The compile target is `task_pass`, one backbone pass of a batch under one
+task's composed factors, which come in as arguments. Eagerly, `embed` stacks the listed tasks in one pass
+over a pool that grows with every task, so its shapes change from task to task: compiled that way, every
+task would recompile (until dynamo's recompile limit sends the pass back to eager execution). Once the
+engine has compiled `task_pass`, `embed` instead runs one `task_pass` per listed task, each with its factors
+padded to the stream's final pool (the number of tasks, known at `begin_task`, times `added_units`) by zero
+down-rows and up-columns of weight 0: the update is the same, and every pass has the same shapes whatever
+the task, so the graphs compiled in the first task (one per batch size and mode: the training step; the
+no-grad passes of the end of the task and of evaluation) serve the whole stream. T passes of B images cost
+the FLOPs of one stacked pass of T x B (`tasks_per_pass` does not apply there). The padding and the
+per-task loop exist on the compiled path only, so eager results are exactly the stacked pass's.
 """
 
 from __future__ import annotations
@@ -178,6 +190,8 @@ class Proteus(ContinualMethod):
     required_backbone_features = (VIT_TOKENS, PRE_NORM_BLOCKS, FUSED_QKV_ATTENTION)
     transient = ("train_head",)
     training_only = (*(f"head.{name}" for name in RandomProjectionRidge.TRAINING_ONLY), "task_head.")
+    # One task's backbone pass at the final pool size: the same shapes for every task (module docstring).
+    compile_targets = ("task_pass",)
     citation = (
         "@article{le2026proteus, title={Continual Fine-Tuning with Provably Accurate and Parameter-Free Task "
         "Retrieval}, author={Le, Hang Thi-Thuy and Bui, Long Minh and Hoang, Minh and Hoang, Trong Nghia}, "
@@ -201,6 +215,7 @@ class Proteus(ContinualMethod):
         self.task_head = NormLinearHead(backbone.embed_dim) if params.train_head == "layernorm_linear" else None
         self._class_ranges: list[tuple[int, int]] = []
         self._seed = 0
+        self._stream_tasks = 0
 
     # ------------------------------------------------------------------------------------------ LoRA
     def _unit_weights(self, task: int, projection: int, block: int, pool_size: int) -> torch.Tensor:
@@ -209,11 +224,14 @@ class Proteus(ContinualMethod):
         own = earlier.new_ones(self.params.added_units)
         return torch.cat([earlier, own, earlier.new_zeros(pool_size - len(earlier) - len(own))])
 
-    def _composed_factors(self, tasks: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _composed_factors(
+        self, tasks: list[int], pool_units: int | None = None
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per block and projection, the stacked (down (T, U, in), up (T, out, U)) of the tasks' updates.
 
         Every task's update reads the same pool (all units up to the latest task listed), weighted by the
         task's unit weights; units a task does not use have weight 0, so tasks of different ranks stack.
+        With `pool_units`, the pool is padded to that many units by zero down-rows and up-columns.
         """
         pool = self.tasks[: max(tasks) + 1]
         factors = []
@@ -223,6 +241,9 @@ class Proteus(ContinualMethod):
                 loras = [units.lora(projection, block) for units in pool]
                 down = torch.cat([lora.down for lora in loras])
                 up = torch.cat([lora.up for lora in loras], dim=1)
+                if pool_units is not None and pool_units > len(down):
+                    down = torch.cat([down, down.new_zeros(pool_units - len(down), down.shape[1])])
+                    up = torch.cat([up, up.new_zeros(up.shape[0], pool_units - up.shape[1])], dim=1)
                 weights = torch.stack([self._unit_weights(t, projection, block, len(down)) for t in tasks])
                 per_projection.append((down.expand(len(tasks), -1, -1), up.unsqueeze(0) * weights.unsqueeze(1)))
             factors.append(per_projection)
@@ -249,11 +270,19 @@ class Proteus(ContinualMethod):
 
         return lora_block_forward(qkv_update)
 
+    def task_pass(self, images: torch.Tensor, factors: list) -> torch.Tensor:
+        """(B, d): the CLS features of `images` under the model of one task, given its composed factors."""
+        return self.backbone(images, self._block_forward(factors, 1))
+
     def embed(self, images: torch.Tensor, tasks: list[int]) -> torch.Tensor:
         """(T, B, d): the CLS features of `images` under each listed task's model.
 
-        One backbone pass over the images stacked T times (or `tasks_per_pass` tasks per pass).
+        One backbone pass over the images stacked T times (or `tasks_per_pass` tasks per pass); once
+        `task_pass` is compiled, one pass per task at the final pool size (see the module docstring).
         """
+        if "task_pass" in self.compiled_targets:
+            pool_units = max(self._stream_tasks, len(self.tasks)) * self.params.added_units
+            return torch.stack([self.task_pass(images, self._composed_factors([task], pool_units)) for task in tasks])
         per_pass = self.params.tasks_per_pass or len(tasks)
         outputs = []
         for start in range(0, len(tasks), per_pass):
@@ -304,6 +333,7 @@ class Proteus(ContinualMethod):
 
     def begin_task(self, task: TaskInfo) -> None:
         self._max_components(task)
+        self._stream_tasks = task.num_tasks
         self.tasks.requires_grad_(False)
         params, dim = self.params, self.backbone.embed_dim
         units = TaskUnits(

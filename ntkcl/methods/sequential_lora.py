@@ -121,7 +121,7 @@ class SequentialLoRA(ZeroShot):
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         task = self._task
-        logits = self.task_logits(self.backbone(images), task)
+        logits = self.task_logits(self.image_features(images), task)
         local = labels - task.known_classes
         loss = F.cross_entropy(logits.float(), local)
         accuracy = batch_accuracy(logits, local)

@@ -39,6 +39,10 @@ class ZeroShot(ContinualMethod):
 
     Subclasses that change the encoders call `forget_class_embeddings` whenever the weights change; the
     class embeddings are otherwise computed once and reused by every prediction.
+
+    The image tower's pass (`image_features`) is the heavy work of every training step and prediction and
+    does not depend on the task, so it is the compile target; which classes are scored (the text features of
+    a task's prompts, KeepLoRA+'s per-dataset classifiers) is decided outside it.
     """
 
     name = "zero-shot"
@@ -46,6 +50,7 @@ class ZeroShot(ContinualMethod):
     zero_shot = True
     citation = CLIP_CITATION
     required_backbone_features = (VIT_TOKENS, CLIP_TOWERS)
+    compile_targets = ("image_features",)
 
     def __init__(self, backbone, params: ZeroShotParams):
         super().__init__(backbone, params)
@@ -94,14 +99,18 @@ class ZeroShot(ContinualMethod):
             self._class_embeddings = self.class_embeddings(range(self.text_classifier.num_classes))
         return self._class_embeddings[labels.start : labels.stop]
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's features of `images` in the joint embedding (not normalised)."""
+        return self.backbone(images)
+
     def zero_shot_logits(self, features: torch.Tensor, labels: range) -> torch.Tensor:
         return clip_logits(features, self._cached_embeddings(labels), self.backbone.logit_scale)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.zero_shot_logits(self.backbone(images), range(self.seen_classes))
+        return self.zero_shot_logits(self.image_features(images), range(self.seen_classes))
 
     @torch.no_grad()
     def predict_task(self, images: torch.Tensor, task: TaskInfo) -> torch.Tensor:
         self.register_classes(task)
-        return self.zero_shot_logits(self.backbone(images), task.classes)
+        return self.zero_shot_logits(self.image_features(images), task.classes)
