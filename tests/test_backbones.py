@@ -28,31 +28,35 @@ from tests.test_cli_bad_input import assert_one_line_error
 SMALL = {"img_size": 32}  # test_vit (6 blocks, width 64) at 32 pixels: 4 patches
 
 
-def test_a_named_backbone_replaces_the_stream_presets_backbone(caplog):
+def test_a_named_backbone_replaces_the_presets_backbone(caplog):
     caplog.set_level(logging.WARNING, logger="ntkcl")
-    digits = resolve_config(overrides={"stream": {"dataset": "digits"}})
-    assert (digits.backbone.pretrained, digits.backbone.model_kwargs["depth"]) == (False, 4)
+    keeplora = {"stream": {"dataset": "digits"}, "method": {"name": "keeplora"}}
+    digits = resolve_config(overrides=keeplora)  # keeplora.toml[digits]: a tiny random CLIP
+    assert (digits.backbone.pretrained, digits.backbone.normalize) == (False, "clip")
 
-    named = resolve_config(overrides={"stream": {"dataset": "digits"}, "backbone": {"name": "vit_small_patch16_224"}})
+    named = resolve_config(overrides={**keeplora, "backbone": {"name": "clip:ViT-B-16/openai"}})
     assert named.backbone.pretrained is True and named.backbone.model_kwargs == {}
     (warning,) = [r.getMessage() for r in caplog.records]
-    assert "digits stream preset" in warning and '"depth": 4' in warning and "pretrained=false" in warning
+    assert "keeplora digits preset" in warning and '"embed_dim": 32' in warning and "pretrained=false" in warning
 
     caplog.clear()
-    given = {"name": "test_vit", "pretrained": False, "model_kwargs": {"depth": 2}}
-    explicit = resolve_config(overrides={"stream": {"dataset": "digits"}, "backbone": given})
+    given = {"name": "test_vit", "pretrained": False, "model_kwargs": {"depth": 2}, "normalize": "none"}
+    explicit = resolve_config(overrides={**keeplora, "backbone": given})
     assert explicit.backbone.model_kwargs == {"depth": 2} and not caplog.records  # nothing of the user's dropped
+    # The digits stream preset names only its backbone: naming another one drops nothing, so warns of nothing.
+    resolve_config(overrides={"stream": {"dataset": "digits"}, "backbone": {"name": "vit_small_patch16_224"}})
+    assert not caplog.records
 
 
 def test_unset_and_whole_tables_delete_preset_keys():
-    overrides, replaced = parse_assignments(["backbone.model_kwargs={}", "optim.lr=0.5"])
-    assert replaced == ["backbone.model_kwargs"]
+    overrides, replaced = parse_assignments(["stream.dataset_options={}", "optim.lr=0.5"])
+    assert replaced == ["stream.dataset_options"]
     cleared = resolve_config(overrides={"stream": {"dataset": "digits"}, **overrides}, unset=replaced)
-    assert cleared.backbone.model_kwargs == {} and cleared.optim.lr == 0.5
-    assert cleared.backbone.name == "vit_tiny_patch16_224"  # the rest of the preset stays
+    assert cleared.stream.dataset_options == {} and cleared.optim.lr == 0.5
+    assert cleared.backbone.name == "ntkcl-tiny-fdsl"  # the rest of the preset stays
 
-    reverted = resolve_config(overrides={"stream": {"dataset": "digits"}}, unset=["backbone.pretrained"])
-    assert reverted.backbone.pretrained is True and reverted.backbone.model_kwargs["depth"] == 4
+    reverted = resolve_config(overrides={"stream": {"dataset": "digits"}}, unset=["stream.augment"])
+    assert reverted.stream.augment == "paper" and reverted.backbone.name == "ntkcl-tiny-fdsl"
     with pytest.raises(BadInputError, match="x is not a config field"):  # the same check as `--unset`
         resolve_config(overrides={"stream": {"dataset": "digits"}}, unset=["x.y"])
 

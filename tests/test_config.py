@@ -9,7 +9,7 @@ from ntkcl.presets import resolve_config
 
 def test_defaults_then_stream_and_method_presets():
     config = resolve_config(overrides={"stream": {"dataset": "digits"}, "method": {"name": "finetune"}})
-    assert config.backbone.name == "vit_tiny_patch16_224"  # streams.toml[digits]
+    assert config.backbone.name == "ntkcl-tiny-fdsl" and config.backbone.pretrained  # streams.toml[digits]
     assert config.stream.augment == "resize"
     assert config.optim.lr == pytest.approx(0.05)  # finetune.toml[digits]
     assert config.optim.batch_size == 32

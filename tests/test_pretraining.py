@@ -25,6 +25,8 @@ from ntkcl.models import shipped
 from ntkcl.models.backbone import create_backbone
 from ntkcl.models.shipped import NTKCL_TINY_FDSL
 from ntkcl.pretraining import pretrain
+from ntkcl.pretraining.contours import ContourSettings, line_coverage
+from ntkcl.pretraining.contours import generate as generate_contours
 from ntkcl.pretraining.fractals import FractalSettings, generate, sample_categories
 from tests.conftest import metrics_of, only_run
 
@@ -55,14 +57,33 @@ def test_categories_are_different_contracting_systems_and_instances_vary():
     assert (images.reshape(12, -1).std(axis=1) > 0).all()  # no blank image
 
 
+def test_contour_categories_are_seeded_line_drawings():
+    settings = ContourSettings(seed=3, num_categories=3, instances_per_category=2)
+    images, labels = generate_contours(settings)
+    assert images.shape == (6, 32, 32, 3) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert np.array_equal(images, generate_contours(settings)[0])
+    assert np.array_equal(generate_contours(settings, categories=range(1, 2))[0], images[2:4])
+    assert not np.array_equal(images[0], images[1]) and (images.reshape(6, -1).std(axis=1) > 0).all()
+
+
+def test_a_segment_covers_the_pixels_within_half_its_width():
+    segment = np.array([[[2.0, 4.5], [8.0, 4.5]]])  # horizontal, through the centres of row 4
+    coverage = line_coverage(segment, 10, width=1.0)
+    assert coverage[4, 2:8].tolist() == [1.0] * 6  # on the line
+    assert coverage[3].max() == 0.0 and coverage[5].max() == 0.0  # one pixel away, beyond half the width
+    assert coverage[4, 0] == 0.0 and coverage[4, 9] == 0.0  # past the ends
+
+
 def test_pretraining_is_deterministic_and_records_its_settings(tmp_path, capsys):
-    arguments = ["--categories", "4", "--instances", "32", "--epochs", "1", "--batch-size", "32", "--threads", "1"]
+    arguments = ["--categories", "4", "--instances", "32", "--contour-categories", "2", "--contour-instances", "8"]
+    arguments += ["--epochs", "1", "--batch-size", "32", "--threads", "1"]
     assert pretrain.main(["--output", str(tmp_path / "a"), *arguments]) == 0
     assert pretrain.main(["--output", str(tmp_path / "b"), *arguments]) == 0
     first = json.loads((tmp_path / "a" / "pretraining.json").read_text())
     second = json.loads((tmp_path / "b" / "pretraining.json").read_text())
     assert first["weights_sha256"] == second["weights_sha256"] == sha256_file(tmp_path / "a" / "model.safetensors")
-    assert first["generator"]["num_categories"] == 4 and first["training"]["epochs"] == 1
+    assert [generator["kind"] for generator in first["generators"]] == ["ifs-fractals", "radial-contours"]
+    assert first["generators"][0]["num_categories"] == 4 and first["training"]["epochs"] == 1
     assert first["cpu_seconds"] > 0 and len(first["epochs"]) == 1
     assert not any(key.startswith("head.") for key in load_file(tmp_path / "a" / "model.safetensors"))
     card = (tmp_path / "a" / "README.md").read_text()
@@ -85,11 +106,12 @@ def test_the_shipped_weights_load_strictly_under_their_own_name():
     assert record["weights_file_sha256"] == NTKCL_TINY_FDSL.recorded_sha256()
     saved = load_file(NTKCL_TINY_FDSL.weights_file)
     assert set(saved) == set(backbone.vit.state_dict())
-    assert torch.equal(backbone.vit.blocks[3].mlp.fc2.weight, saved["blocks.3.mlp.fc2.weight"])
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float16}  # stored in half, loaded as fp32
+    assert torch.equal(backbone.vit.blocks[3].mlp.fc2.weight, saved["blocks.3.mlp.fc2.weight"].float())
     assert NTKCL_TINY_FDSL.weights_file.stat().st_size < 4 * 2**20
     settings = json.loads(NTKCL_TINY_FDSL.settings_file.read_text())
     assert settings["backbone"]["model_kwargs"] == NTKCL_TINY_FDSL.model_kwargs
-    assert {"seed", "num_categories"} <= set(settings["generator"])
+    assert all({"kind", "seed", "num_categories"} <= set(generator) for generator in settings["generators"])
 
 
 def test_shipped_weights_that_changed_or_do_not_fit_are_refused(tmp_path, monkeypatch):
@@ -115,7 +137,7 @@ def test_a_random_backbone_is_recorded_as_the_bare_architecture():
     backbone = create_backbone("ntkcl-tiny-fdsl", pretrained=False)
     assert backbone.record()["name"] == "vit_tiny_patch16_224" and backbone.record()["init"] == "random init"
     assert backbone.name == "vit_tiny_patch16_224 (random init)"
-    assert backbone.vit.patch_embed.patch_size == (8, 8) and len(backbone.blocks) == 4  # the shipped architecture
+    assert backbone.vit.patch_embed.patch_size == (16, 16) and len(backbone.blocks) == 4  # the shipped architecture
 
 
 def test_random_init_runs_say_so_and_report_simplecil_as_the_no_training_reference(

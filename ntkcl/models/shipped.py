@@ -1,8 +1,8 @@
 """Backbones whose weights ship inside the package, under names of their own.
 
-`ntkcl-tiny-fdsl` is a 32-pixel ViT (timm `vit_tiny_patch16_224` with patch 8, width 96, 4 blocks, 3 heads)
-pre-trained on generated fractal images by `ntkcl.pretraining.pretrain` (formula-driven supervised
-learning, Kataoka et al., ACCV 2020), so that a pre-trained backbone is at hand where nothing can be
+`ntkcl-tiny-fdsl` is a 32-pixel ViT (timm `vit_tiny_patch16_224` with patch 16, width 192, 4 blocks, 3 heads)
+pre-trained on generated fractal and contour images by `ntkcl.pretraining.pretrain` (formula-driven
+supervised learning, Kataoka et al., ACCV 2020 and CVPR 2022), so that a pre-trained backbone is at hand where nothing can be
 downloaded (CI, offline machines). The weights load through the same strict, recorded path as any local file
 (`ntkcl.models.weights.locate_weights`), checked against the sha256 the script recorded, so a run records
 the file and its sha256 under this name.
@@ -58,6 +58,6 @@ class ShippedBackbone:
 NTKCL_TINY_FDSL = ShippedBackbone(
     name="ntkcl-tiny-fdsl",
     architecture="vit_tiny_patch16_224",
-    model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
+    model_kwargs={"img_size": 32, "patch_size": 16, "embed_dim": 192, "depth": 4, "num_heads": 3},
 )
 SHIPPED_BACKBONES = {backbone.name: backbone for backbone in (NTKCL_TINY_FDSL,)}

@@ -17,6 +17,7 @@ category `c` from a generator seeded by `(seed, c, i)`, so any subset is reprodu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class FractalSettings:
     """
 
     seed: int = 0
-    num_categories: int = 16
+    num_categories: int = 128
     instances_per_category: int = 300
     image_size: int = 32
     min_maps: int = 2
@@ -52,9 +53,10 @@ class FractalSettings:
     min_scale: float = 0.8
     max_scale: float = 0.95
     max_rotation: float = 0.0
+    kind: ClassVar[str] = "ifs-fractals"
 
     def record(self) -> dict:
-        return asdict(self)
+        return {"kind": self.kind, **asdict(self)}
 
 
 @dataclass(frozen=True)
