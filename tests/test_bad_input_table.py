@@ -237,7 +237,7 @@ LATER_CASES = [
     (["--set", "backbone.model_kwargs={img_size=32, patch_size=7}"], True, "does not divide img_size 32"),
     (["--set", "backbone.model_kwargs.depth=1000000"], True, "backbone.model_kwargs.depth"),
     (["--set", "backbone.model_kwargs={embed_dim=65536, num_heads=1}"], True, "GiB of parameters"),
-    (["--set", "backbone.model_kwargs.embed_dim=65"], True, "divisible"),
+    (["--set", "backbone.model_kwargs.embed_dim=65"], True, "num_heads 3 does not divide embed_dim 65"),
     (["--set", "method.params.bottleneck=100000000"], True, "method.params.bottleneck=100000000"),
     (["--set", "method.params.num_prompts=1000000000"], True, "method.params.num_prompts=1000000000"),
     ([*SYNTHETIC, 'stream.dataset_options.classes="x"'], False, "stream.dataset_options.classes"),

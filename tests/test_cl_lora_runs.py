@@ -55,7 +55,7 @@ def test_class_order_seed_flag_shuffles_the_fixed_vtab_order():
 
 def test_digits_preset_backbone_and_split():
     config = resolve_config(overrides={"method": {"name": "cl-lora"}})
-    assert config.backbone.model_kwargs["depth"] == 4 and config.stream.dataset == "digits"
+    assert config.backbone.name == "ntkcl-tiny-fdsl" and config.stream.dataset == "digits"
     assert CLLoRAParams(**config.method.params).rank == 8 and config.optim.lr == 0.005
 
 

@@ -230,8 +230,8 @@ class GaussianMixtureSignature(nn.Module):
 @dataclass(frozen=True)
 class RawComponents:
     """One task's components with their raw (unregularised) covariances, as the bound reads them:
-    `means` (K, d), `precisions` (K, d, d) = Σ⁻¹ (NaN where Σ is singular), `log_dets` (K) = log det Σ
-    (-inf where Σ is singular), all float64."""
+    `means` (K, d), `precisions` (K, d, d) = Σ⁻¹ (NaN where Σ is singular or not finite), `log_dets` (K) =
+    log det Σ (-inf there), all float64."""
 
     means: torch.Tensor
     precisions: torch.Tensor
@@ -242,10 +242,18 @@ class RawComponents:
         covariances = signature.covariances.to(torch.float64)
         if signature.covariance_type == "diag":
             covariances = torch.diag_embed(covariances)
-        inverse, info = torch.linalg.inv_ex(covariances)
-        inverse = torch.where((info != 0)[:, None, None], torch.full_like(inverse, float("nan")), inverse)
-        sign, log_abs = torch.linalg.slogdet(covariances)
-        log_dets = torch.where(sign > 0, log_abs, torch.full_like(log_abs, float("-inf")))
+        # A component no image fell into has a NaN covariance: singular, like a rank-deficient one. Cholesky, not
+        # LU: a covariance is symmetric positive (semi-)definite, and batched float64 LU of this torch build's MKL
+        # fails ("Parameter 6 was incorrect on entry to DLASWP") or returns wrong determinants once
+        # `torch.set_num_threads` has been called in the process.
+        finite = torch.isfinite(covariances).all(dim=-1).all(dim=-1)
+        identity = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device)
+        factor, info = torch.linalg.cholesky_ex(torch.where(finite[:, None, None], covariances, identity))
+        singular = (info != 0) | ~finite
+        inverse = torch.cholesky_inverse(factor)
+        inverse = torch.where(singular[:, None, None], torch.full_like(inverse, float("nan")), inverse)
+        log_dets = 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1)
+        log_dets = torch.where(singular, torch.full_like(log_dets, float("-inf")), log_dets)
         return cls(signature.means.to(torch.float64), inverse, log_dets)
 
 

@@ -147,8 +147,8 @@ def config_layers(
             table below instead of merging into it.
 
     A backbone named in the config file or the overrides (`backbone.name` or `backbone.weights`) replaces the
-    presets' backbone sections as a whole: a stream preset's small random ViT settings never leak into a
-    pre-trained backbone the user asked for.
+    presets' backbone sections as a whole: a preset's backbone settings (e.g. a tiny CLIP's model_kwargs) never
+    leak into a pre-trained backbone the user asked for.
     """
     for key in unset:
         check_config_key(key, "--unset")

@@ -1,1 +1,2 @@
-"""Formula-driven images (`fractals`) and the script that pre-trained the shipped `ntkcl-tiny-fdsl` (`pretrain`)."""
+"""Formula-driven images (`fractals`, `contours`) and the script that pre-trained the shipped `ntkcl-tiny-fdsl`
+(`pretrain`)."""
