@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from ntkcl.pretraining.rendering import colourise, render_set
+
 
 @dataclass(frozen=True)
 class ContourSettings:
@@ -137,20 +139,9 @@ def render_instance(category: ContourCategory, settings: ContourSettings, rng: n
         outline = outline * scale + centre
         segments.append(np.stack([outline[:-1], outline[1:]], 1))
     coverage = line_coverage(np.concatenate(segments), size, rng.uniform(settings.min_width, settings.max_width))
-    foreground = rng.uniform(0.4, 1.0, 3)
-    background = rng.uniform(0.0, 0.3, 3)
-    image = background + coverage[..., None] * (foreground - background)
-    return np.round(image * 255).astype(np.uint8)
+    return colourise(coverage, rng)
 
 
 def generate(settings: ContourSettings, categories: range | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images (n, size, size, 3) uint8 and labels (n,) int64 of `categories` (default: all), in category order."""
-    drawn = sample_categories(settings)
-    chosen = range(settings.num_categories) if categories is None else categories
-    images, labels = [], []
-    for category in chosen:
-        for instance in range(settings.instances_per_category):
-            rng = np.random.default_rng((settings.seed, 1, category, instance))
-            images.append(render_instance(drawn[category], settings, rng))
-            labels.append(category)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+    return render_set(sample_categories(settings), settings, render_instance, (settings.seed, 1), categories)

@@ -21,6 +21,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from ntkcl.pretraining.rendering import colourise, render_set
+
 
 @dataclass(frozen=True)
 class FractalSettings:
@@ -154,20 +156,9 @@ def render_instance(system: IteratedFunctionSystem, settings: FractalSettings, r
     # Log density: the dense core of an attractor does not hide its thin branches.
     density = np.log1p(density.reshape(size, size))
     coverage = density / max(float(density.max()), 1e-6)
-    foreground = rng.uniform(0.4, 1.0, 3)
-    background = rng.uniform(0.0, 0.3, 3)
-    image = background + coverage[..., None] * (foreground - background)
-    return np.round(image * 255).astype(np.uint8)
+    return colourise(coverage, rng)
 
 
 def generate(settings: FractalSettings, categories: range | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images (n, size, size, 3) uint8 and labels (n,) int64 of `categories` (default: all), in category order."""
-    systems = sample_categories(settings)
-    chosen = range(settings.num_categories) if categories is None else categories
-    images, labels = [], []
-    for category in chosen:
-        for instance in range(settings.instances_per_category):
-            rng = np.random.default_rng((settings.seed, category, instance))
-            images.append(render_instance(systems[category], settings, rng))
-            labels.append(category)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+    return render_set(sample_categories(settings), settings, render_instance, (settings.seed,), categories)
