@@ -115,9 +115,11 @@ def test_proteus_task_pass_captured_trains_and_predicts_as_the_eager_one_without
         "task_pass"
     ]
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tasks = [TaskInfo(index, 3, 2 * index, 2) for index in range(3)]
+    for method in (eager, compiled):
+        method.begin_stream(tasks)  # as the engine does: the final pool size is known before the first task
     before, graphs = compiled_graphs(), []
-    for index in range(3):
-        task = TaskInfo(index, 3, 2 * index, 2)
+    for index, task in enumerate(tasks):
         generator = torch.Generator().manual_seed(index)
         data = FakeData(torch.rand(8, 3, 32, 32, generator=generator), 2 * index + torch.arange(8) % 2)
         logs = []

@@ -70,7 +70,7 @@ task's composed factors, which come in as arguments. Eagerly, `embed` stacks the
 over a pool that grows with every task, so its shapes change from task to task: compiled that way, every
 task would recompile (until dynamo's recompile limit sends the pass back to eager execution). Once the
 engine has compiled `task_pass`, `embed` instead runs one `task_pass` per listed task, each with its factors
-padded to the stream's final pool (the number of tasks, known at `begin_task`, times `added_units`) by zero
+padded to the stream's final pool (the number of tasks, known from `begin_stream`, times `added_units`) by zero
 down-rows and up-columns of weight 0: the update is the same, and every pass has the same shapes whatever
 the task, so the graphs compiled in the first task (one per batch size and mode: the training step; the
 no-grad passes of the end of the task and of evaluation) serve the whole stream. T passes of B images cost
@@ -215,7 +215,6 @@ class Proteus(ContinualMethod):
         self.task_head = NormLinearHead(backbone.embed_dim) if params.train_head == "layernorm_linear" else None
         self._class_ranges: list[tuple[int, int]] = []
         self._seed = 0
-        self._stream_tasks = 0
 
     # ------------------------------------------------------------------------------------------ LoRA
     def _unit_weights(self, task: int, projection: int, block: int, pool_size: int) -> torch.Tensor:
@@ -281,7 +280,7 @@ class Proteus(ContinualMethod):
         `task_pass` is compiled, one pass per task at the final pool size (see the module docstring).
         """
         if "task_pass" in self.compiled_targets:
-            pool_units = max(self._stream_tasks, len(self.tasks)) * self.params.added_units
+            pool_units = max(len(self.stream_tasks), len(self.tasks)) * self.params.added_units
             return torch.stack([self.task_pass(images, self._composed_factors([task], pool_units)) for task in tasks])
         per_pass = self.params.tasks_per_pass or len(tasks)
         outputs = []
@@ -333,7 +332,6 @@ class Proteus(ContinualMethod):
 
     def begin_task(self, task: TaskInfo) -> None:
         self._max_components(task)
-        self._stream_tasks = task.num_tasks
         self.tasks.requires_grad_(False)
         params, dim = self.params, self.backbone.embed_dim
         units = TaskUnits(
