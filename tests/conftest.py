@@ -309,3 +309,19 @@ def train_once(root: Path, runs: dict[str, list]) -> dict[str, tuple[Path, dict]
 def cli():
     """`run_cli` as a fixture."""
     return run_cli
+
+
+@contextlib.contextmanager
+def crashing_at_task(method_class, index: int):
+    """Inside the block, `method_class.begin_task` raises "simulated crash" when task `index` begins (a crash
+    after the earlier tasks' checkpoints were written); the method is restored on leaving."""
+    original = method_class.begin_task
+
+    def crash(self, task):
+        if task.index == index:
+            raise RuntimeError("simulated crash")
+        return original(self, task)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(method_class, "begin_task", crash)
+        yield

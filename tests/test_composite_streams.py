@@ -18,7 +18,7 @@ from ntkcl.errors import BadInputError
 from ntkcl.export.constants import CONFIG_NAME
 from ntkcl.presets import resolve_config
 from tests._zero_shot_probe import ZeroShotProbe
-from tests.conftest import TINY_BACKBONE_FLAGS
+from tests.conftest import TINY_BACKBONE_FLAGS, crashing_at_task
 
 # Three generated datasets of 3, 5 and 4 classes, 8 training and 2 test images per class.
 SIZES = (3, 5, 4)
@@ -166,9 +166,7 @@ def test_task_incremental_scores_each_task_among_its_own_classes(cli, data_root,
     assert [m["options"]["classes"] for m in document["stream"]["members"]] == list(SIZES)
 
 
-def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(
-    cli, data_root, extensions, tmp_path, monkeypatch
-):
+def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(cli, data_root, extensions, tmp_path):
     reference = cli(*zs_bench_run("--out", tmp_path / "ref"))
     assert reference.code == 0, reference.err
     metrics = reference.json()["metrics"]
@@ -178,20 +176,12 @@ def test_zero_shot_method_gets_a_full_matrix_and_resumes_to_the_same_metrics(
     assert metrics["last"] == pytest.approx(sum(matrix[2]) / 3)
     assert metrics["avg"] == pytest.approx(sum(sum(row) for row in matrix) / 9)
 
-    original = ZeroShotProbe.begin_task
-
-    def crash_on_last_task(self, task):
-        if task.index == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, task)
-
-    monkeypatch.setattr(ZeroShotProbe, "begin_task", crash_on_last_task)
-    crashed = cli(*zs_bench_run("--out", tmp_path / "crash"))
+    with crashing_at_task(ZeroShotProbe, 2):
+        crashed = cli(*zs_bench_run("--out", tmp_path / "crash"))
     assert crashed.code == 1
     run = next((tmp_path / "crash").iterdir())
     assert (run / rundir.ZERO_SHOT_FILE).is_file()
     assert (run / rundir.MATRIX_FILE).read_text().splitlines()[1].startswith("zero-shot,")
-    monkeypatch.setattr(ZeroShotProbe, "begin_task", original)
     resumed = cli("train", "--resume", run, "-q", "--json")
     assert resumed.code == 0, resumed.err
     for key in ("correct", "total", "zero_shot_correct", "transfer", "avg", "last"):

@@ -8,7 +8,7 @@ import pytest
 
 from ntkcl.engine import rundir
 from ntkcl.methods.finetune import Finetune
-from tests.conftest import tiny_digits_run
+from tests.conftest import crashing_at_task, tiny_digits_run
 
 # Three tasks (4 + 3 + 3 classes), one short epoch each: a few seconds on two cores.
 FINETUNE_RUN = [*tiny_digits_run(init_classes=4, increment=3, batch_size=64), "--method", "finetune"]
@@ -56,16 +56,9 @@ def test_same_seed_same_metrics(cli, reference_metrics, tmp_path):
     assert again.json()["metrics"]["correct"] == reference_metrics["correct"]
 
 
-def test_crash_then_resume_matches_uninterrupted_run(cli, reference_metrics, tmp_path, monkeypatch):
-    original = Finetune.begin_task
-
-    def crash_on_third_task(self, task):
-        if task.index == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, task)
-
-    monkeypatch.setattr(Finetune, "begin_task", crash_on_third_task)
-    crashed = train(cli, tmp_path / "crash")
+def test_crash_then_resume_matches_uninterrupted_run(cli, reference_metrics, tmp_path):
+    with crashing_at_task(Finetune, 2):
+        crashed = train(cli, tmp_path / "crash")
     assert crashed.code == 1
     assert "simulated crash" in crashed.err and "Traceback" not in crashed.err
     run = only_run(tmp_path / "crash")
@@ -73,7 +66,6 @@ def test_crash_then_resume_matches_uninterrupted_run(cli, reference_metrics, tmp
     partial = json.loads((run / "metrics.json").read_text())
     assert partial["finished"] is False and partial["num_tasks"] == 2
 
-    monkeypatch.setattr(Finetune, "begin_task", original)
     resumed = cli("train", "--resume", run, "-q", "--json")
     assert resumed.code == 0, resumed.err
     metrics = resumed.json()["metrics"]

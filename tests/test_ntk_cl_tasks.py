@@ -10,7 +10,7 @@ from ntkcl.engine import rundir
 from ntkcl.methods.base import TaskInfo
 from ntkcl.methods.ntk_cl import NTKCL, NTKCLParams, orthogonality_basis
 from ntkcl.models.backbone import create_backbone
-from tests.conftest import TINY_BACKBONE, tiny_digits_run
+from tests.conftest import TINY_BACKBONE, crashing_at_task, tiny_digits_run
 
 
 def tiny_method(**params) -> NTKCL:
@@ -86,19 +86,11 @@ def only_run(out):
     return run
 
 
-def test_resume_after_a_task_ends_with_the_metrics_of_an_uninterrupted_run(cli, data_root, tmp_path, monkeypatch):
+def test_resume_after_a_task_ends_with_the_metrics_of_an_uninterrupted_run(cli, data_root, tmp_path):
     reference = cli(*RUN, "--out", tmp_path / "reference")
     assert reference.code == 0, reference.err
-    original = NTKCL.begin_task
-
-    def crash_on_third_task(self, task):
-        if task.index == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, task)
-
-    monkeypatch.setattr(NTKCL, "begin_task", crash_on_third_task)
-    assert cli(*RUN, "--out", tmp_path / "crash").code == 1
-    monkeypatch.setattr(NTKCL, "begin_task", original)
+    with crashing_at_task(NTKCL, 2):
+        assert cli(*RUN, "--out", tmp_path / "crash").code == 1
     resumed = cli("train", "--resume", only_run(tmp_path / "crash"), "-q", "--json")
     assert resumed.code == 0, resumed.err
     assert resumed.json()["metrics"]["correct"] == reference.json()["metrics"]["correct"]

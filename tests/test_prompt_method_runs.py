@@ -12,7 +12,7 @@ import torch
 from ntkcl.engine import rundir
 from ntkcl.methods.registry import get_method
 from ntkcl.presets import resolve_config
-from tests.conftest import SHARED_RUN_PROTOCOL, metrics_of, tiny_digits_run, two_process_run
+from tests.conftest import SHARED_RUN_PROTOCOL, crashing_at_task, metrics_of, tiny_digits_run, two_process_run
 
 METHODS = ("l2p", "dualprompt", "coda-prompt", "ovor")
 
@@ -98,22 +98,11 @@ def test_on_the_pretrained_backbone_each_forgets_less_than_finetune(run_of, meth
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_resume_after_a_crash_ends_with_the_metrics_of_the_uninterrupted_run(
-    cli, run_of, tmp_path, monkeypatch, method
-):
+def test_resume_after_a_crash_ends_with_the_metrics_of_the_uninterrupted_run(cli, run_of, tmp_path, method):
     reference = metrics_of(run_of(method))
-    cls = get_method(method)
-    original = cls.begin_task
-
-    def crash_on_second_task(self, task):
-        if task.index == 1:
-            raise RuntimeError("simulated crash")
-        return original(self, task)
-
-    monkeypatch.setattr(cls, "begin_task", crash_on_second_task)
     arguments = [*tiny_digits_run(**SHARED_RUN_PROTOCOL), "--method", method]
-    assert cli(*arguments, "--out", tmp_path / "crash").code == 1
-    monkeypatch.setattr(cls, "begin_task", original)
+    with crashing_at_task(get_method(method), 1):
+        assert cli(*arguments, "--out", tmp_path / "crash").code == 1
     (crashed,) = (tmp_path / "crash").iterdir()
     resumed = cli("train", "--resume", crashed, "-q", "--json")
     assert resumed.code == 0, resumed.err

@@ -15,7 +15,14 @@ import ntkcl
 from ntkcl.engine import rundir
 from ntkcl.export import WEIGHTS_NAME
 from ntkcl.methods.proteus import Proteus
-from tests.conftest import SHARED_RUN_PROTOCOL, TINY_BACKBONE_FLAGS, metrics_of, tiny_digits_run, two_process_run
+from tests.conftest import (
+    SHARED_RUN_PROTOCOL,
+    TINY_BACKBONE_FLAGS,
+    crashing_at_task,
+    metrics_of,
+    tiny_digits_run,
+    two_process_run,
+)
 from tests.test_composite_streams import ENTRY_POINTS, STREAM_SOURCE, composite_run, make_distribution
 
 SIGNATURE_KEYS = ("weights", "means", "covariances")
@@ -89,19 +96,11 @@ def test_signatures_are_bit_identical_through_checkpoint_export_and_load_pretrai
     assert scored.json()["metrics"]["task_retrieval"]["correct"] == metrics_of(run)["task_retrieval"]["correct"]
 
 
-def test_resume_after_a_crash_ends_with_the_metrics_of_the_uninterrupted_run(cli, run_of, tmp_path, monkeypatch):
+def test_resume_after_a_crash_ends_with_the_metrics_of_the_uninterrupted_run(cli, run_of, tmp_path):
     reference = metrics_of(run_of("proteus"))
-    original = Proteus.begin_task
-
-    def crash_on_second_task(self, task):
-        if task.index == 1:
-            raise RuntimeError("simulated crash")
-        return original(self, task)
-
-    monkeypatch.setattr(Proteus, "begin_task", crash_on_second_task)
     arguments = [*tiny_digits_run(**SHARED_RUN_PROTOCOL), "--method", "proteus"]
-    assert cli(*arguments, "--out", tmp_path / "crash").code == 1
-    monkeypatch.setattr(Proteus, "begin_task", original)
+    with crashing_at_task(Proteus, 1):
+        assert cli(*arguments, "--out", tmp_path / "crash").code == 1
     (crashed,) = (tmp_path / "crash").iterdir()
     resumed = cli("train", "--resume", crashed, "-q", "--json")
     assert resumed.code == 0, resumed.err
